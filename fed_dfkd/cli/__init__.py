@@ -1,0 +1,1 @@
+"""The ``fed-dfkd`` command: one module per subcommand; each parses and delegates."""

@@ -1,0 +1,63 @@
+"""``fed-dfkd pretrain``: train the owners' teachers (and optionally a central one) under OUT/teachers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+from fed_dfkd.cli.common import add_config_arguments, config_from_args, prepare_out_dir, setup_logging
+from fed_dfkd.config import dump_config
+from fed_dfkd.data.teachers import TEACHERS_DIR, TeacherManifest, pretrain_teachers
+from fed_dfkd.errors import UserError
+from fed_dfkd.runs import atomic_write_text
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "pretrain",
+        help="train one teacher per client (and optionally a central one)",
+        description=(
+            "Partition the train split into federation.num_clients parts and train one teacher "
+            "per part, writing OUT/teachers/client_K.pt; teachers already trained under the same "
+            "config are reused."
+        ),
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--central", action="store_true",
+                        help="also train a central teacher on all train data (OUT/teachers/central.pt)")
+    parser.add_argument("--no-clients", action="store_true",
+                        help="do not train the per-client teachers (use with --central)")
+    parser.add_argument("--force", action="store_true",
+                        help="train again even when a teacher for this config exists")
+    parser.set_defaults(handler=run)
+
+
+def format_table(manifests: Sequence[TeacherManifest]) -> str:
+    """One row per teacher: name, train size, test accuracy."""
+    rows = [(m.name, str(m.train_size), f"{m.test_accuracy:.4f}") for m in manifests]
+    header = ("teacher", "train size", "test accuracy")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    lines = [f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}"]
+    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(getattr(args, "verbose", False))
+    cfg = config_from_args(args)
+    if args.no_clients and not args.central:
+        raise UserError("--no-clients without --central leaves no teacher to train")
+    out = prepare_out_dir(args.out)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
+    manifests = pretrain_teachers(
+        cfg, out, central=args.central, clients=not args.no_clients, force=args.force
+    )
+    # Next to the teachers, not in OUT/: a later `distill --out OUT` writes its own resolved config.
+    atomic_write_text(out / TEACHERS_DIR / "config.resolved.yaml", dump_config(cfg))
+    print(format_table(manifests))
+    sys.stdout.flush()
+    return 0

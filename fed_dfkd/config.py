@@ -1,0 +1,531 @@
+"""Typed, strict experiment configuration.
+
+One YAML file per experiment with the sections ``data``, ``models``, ``method``, ``distill``,
+``curriculum``, ``federation``, ``privacy`` and ``runtime`` (DESIGN.md §6). Every section is a
+frozen dataclass; loading rejects unknown keys and wrong types with a :class:`ConfigError`
+that names the dotted field, and checks the rules that span several fields. Any key can be
+overridden with ``section.key=value`` strings (the CLI's ``--set``); values are parsed as YAML
+scalars, so ``--set method.name=cudfkd --set distill.batch_size=128`` do what they say.
+
+Method loss weights left as ``null`` take the method's own defaults (each synthesis module
+declares them); the resolved config, written next to every result, shows the values used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from fed_dfkd.errors import UserError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "GeneratorConfig",
+    "PretrainConfig",
+    "ModelsConfig",
+    "MethodConfig",
+    "DistillConfig",
+    "CurriculumConfig",
+    "FederationConfig",
+    "PrivacyConfig",
+    "RuntimeConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "config_hash",
+]
+
+
+class ConfigError(UserError):
+    """A config value is unknown, of the wrong type, or breaks a rule; names the field."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        self.field_path = field_path
+        super().__init__(f"config error at {field_path or '<root>'}: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data the teachers were trained on, and how it is split between owners."""
+
+    dataset: str = "digits"
+    root: str | None = None
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    test_fraction: float = 0.2
+    train_subset: int | None = None
+    test_subset: int | None = None
+    # Held out by the coordinator for evaluation only; never used for training the student.
+    eval_batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """DCGAN-style generator (algorithms.md §1.4, scaled down per §12.5)."""
+
+    arch: str = "dcgan"
+    latent_dim: int = 32
+    width: int = 16
+    depth: int = 2
+    init: Literal["dcgan", "default"] = "dcgan"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How teachers are trained on their owners' data (``fed-dfkd pretrain``)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    teacher: str = "cnn_digits_bn"
+    student: str = "cnn_digits_half"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The synthesis method and its generator objective (algorithms.md §2-§4).
+
+    Weights left as ``None`` are filled from the method's defaults when the config is loaded.
+    ``class_balance_weight`` is the positive weight w of ``w * sum_c pbar_c log pbar_c``; the
+    reference's ``lambda_ent * H(pbar)`` with ``lambda_ent = -20`` is ``class_balance_weight = 20``.
+    """
+
+    name: str = "adadfkd"
+    generator_lr: float = 1e-3
+    generator_betas: tuple[float, float] = (0.9, 0.99)
+    generator_steps: int = 1
+    bn_statistics_weight: float | None = None
+    one_hot_weight: float | None = None
+    class_balance_weight: float | None = None
+    class_balance_temperature: float | None = None
+    activation_weight: float | None = None
+    adversarial_weight: float | None = None
+    adversarial_divergence: Literal["kl", "l1", "js", "adi"] | None = None
+    total_variation_weight: float | None = None
+    r2m_weight: float | None = None
+    relation_weight: float | None = None
+    contrastive_temperature: float = 0.07
+    negative_bank_size: int = 2048
+    projection: Literal["fixed_seeded", "fresh_random_reference"] = "fixed_seeded"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Student training (algorithms.md §1.3, §3.3, §4.3)."""
+
+    teacher_source: Literal["clients", "central"] = "clients"
+    batch_size: int = 256
+    student_steps: int = 10
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    divergence: Literal["kl", "l1"] = "kl"
+    temperature: float = 4.0
+    ensemble: Literal["mean", "weighted", "median", "trimmed_mean"] = "mean"
+    quantize_samples: bool = True
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Easy-to-hard pacing; every schedule is a function of progress p in [0, 1] (§12.3)."""
+
+    enabled: bool = True
+    weighting: Literal["log", "hard", "soft"] = "log"
+    granularity: Literal["sample", "batch"] = "sample"
+    pace: Literal["quantile", "absolute"] = "quantile"
+    # quantile pace: the admitted loss quantile grows from pace_start to pace_end;
+    # absolute pace: lambda grows from pace_start (lambda_0) to pace_end (lambda_end).
+    pace_start: float = 0.5
+    pace_end: float = 1.0
+    sharpness: float = 5.0
+    history: int = 64
+    adversarial_growth: float = 0.0
+    adversarial_begin: float = 0.25
+    adversarial_end: float = 0.75
+    negative_window: float = 0.8
+    negative_begin: float = 0.25
+    negative_end: float = 0.75
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = 1
+    rounds: int = 40
+    sample_rate: float = 1.0
+    min_replies: int = 1
+    mode: Literal["generator_and_logits", "logits_only"] = "generator_and_logits"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy. Only ``level: none`` runs until the privacy work lands (issue 4)."""
+
+    level: Literal["none", "record", "client"] = "none"
+    delta: float = 1e-5
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list [" + ", ".join(_type_name(a) for a in typing.get_args(tp)) + "]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, f"must be {_type_name(tp)}, got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"must be a mapping of keys, got {type(raw).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{path}.{key}" if path else str(key),
+            f"unknown key; valid keys here: {', '.join(names)}",
+        )
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(dotted, "override keys look like section.key=value")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'a.b=value'`` -> ``('a.b', yaml-parsed value)``."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key.strip(), f"cannot parse value {raw!r}: {exc}") from None
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    tree = json.loads(json.dumps(raw))  # deep copy of plain data
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def config_from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Build, resolve and check an :class:`ExperimentConfig`."""
+    tree = apply_overrides(dict(raw or {}), overrides)
+    cfg = _build(ExperimentConfig, tree, "")
+    cfg = _resolve_method_defaults(cfg)
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError("", f"{path} must hold a mapping of sections")
+    return config_from_dict(raw, overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_hash(value: Any) -> str:
+    """Stable short hash of a config (section) for caching and manifests."""
+    payload = json.dumps(config_to_dict(value), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and cross-field rules
+# --------------------------------------------------------------------------------------------
+
+_METHOD_DEFAULTED = (
+    "bn_statistics_weight",
+    "one_hot_weight",
+    "class_balance_weight",
+    "class_balance_temperature",
+    "activation_weight",
+    "adversarial_weight",
+    "adversarial_divergence",
+    "total_variation_weight",
+    "r2m_weight",
+    "relation_weight",
+)
+
+
+def _resolve_method_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
+    from fed_dfkd.registry import UnknownNameError
+    from fed_dfkd.synthesis import method_defaults
+
+    try:
+        defaults = method_defaults(cfg.method.name)
+    except UnknownNameError as exc:
+        raise ConfigError("method.name", str(exc)) from None
+    updates = {}
+    for name in _METHOD_DEFAULTED:
+        if getattr(cfg.method, name) is None:
+            if name not in defaults:
+                raise TypeError(f"method {cfg.method.name!r} declares no default for {name}")
+            updates[name] = defaults[name]
+    return replace(cfg, method=replace(cfg.method, **updates))
+
+
+def _require(condition: bool, path: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(path, message)
+
+
+def _check(cfg: ExperimentConfig) -> None:
+    from fed_dfkd.data import dataset_names
+    from fed_dfkd.models import CLASSIFIERS, GENERATORS
+
+    d, m, me, di, cu, fe, pr, ru = (
+        cfg.data, cfg.models, cfg.method, cfg.distill, cfg.curriculum, cfg.federation,
+        cfg.privacy, cfg.runtime,
+    )
+    _require(d.dataset in dataset_names(), "data.dataset",
+             f"unknown dataset {d.dataset!r}; valid: {', '.join(dataset_names())}")
+    _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _require(d.min_partition_size >= 1, "data.min_partition_size", "must be >= 1")
+    _require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(d, name)
+        _require(value is None or value > 0, f"data.{name}", "must be a positive integer or null")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+
+    for role in ("teacher", "student"):
+        arch = getattr(m, role)
+        _require(arch in CLASSIFIERS, f"models.{role}",
+                 f"unknown classifier {arch!r}; valid: {', '.join(CLASSIFIERS.names())}")
+    g = m.generator
+    _require(g.arch in GENERATORS, "models.generator.arch",
+             f"unknown generator {g.arch!r}; valid: {', '.join(GENERATORS.names())}")
+    _require(g.latent_dim >= 1, "models.generator.latent_dim", "must be >= 1")
+    _require(g.width >= 1, "models.generator.width", "must be >= 1")
+    _require(g.depth >= 1, "models.generator.depth", "must be >= 1")
+    p = m.pretrain
+    _require(p.epochs >= 1, "models.pretrain.epochs", "must be >= 1")
+    _require(p.batch_size >= 1, "models.pretrain.batch_size", "must be >= 1")
+    _require(p.lr > 0, "models.pretrain.lr", "must be > 0")
+
+    _require(me.generator_lr > 0, "method.generator_lr", "must be > 0")
+    _require(all(0 <= b < 1 for b in me.generator_betas), "method.generator_betas",
+             "both betas must be in [0, 1)")
+    _require(me.generator_steps >= 0, "method.generator_steps", "must be >= 0")
+    _require(me.class_balance_temperature > 0, "method.class_balance_temperature", "must be > 0")
+    _require(me.contrastive_temperature > 0, "method.contrastive_temperature", "must be > 0")
+    _require(me.negative_bank_size >= 1, "method.negative_bank_size", "must be >= 1")
+    for name in _METHOD_DEFAULTED:
+        value = getattr(me, name)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f"method.{name}", "must be finite")
+
+    _require(di.batch_size >= 2, "distill.batch_size", "must be >= 2")
+    _require(di.student_steps >= 1, "distill.student_steps", "must be >= 1")
+    _require(di.lr > 0, "distill.lr", "must be > 0")
+    _require(di.temperature > 0, "distill.temperature", "must be > 0")
+    _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
+
+    _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")
+    if cu.pace == "quantile":
+        _require(0 < cu.pace_start <= 1, "curriculum.pace_start",
+                 "with pace: quantile it is a quantile level in (0, 1]")
+        _require(0 < cu.pace_end <= 1, "curriculum.pace_end",
+                 "with pace: quantile it is a quantile level in (0, 1]")
+    else:
+        _require(cu.pace_start > 0, "curriculum.pace_start", "must be > 0")
+        _require(cu.pace_end > 0, "curriculum.pace_end", "must be > 0")
+    _require(cu.sharpness > 0, "curriculum.sharpness", "must be > 0")
+    _require(cu.history >= 1, "curriculum.history", "must be >= 1")
+    for prefix in ("adversarial", "negative"):
+        begin, end = getattr(cu, f"{prefix}_begin"), getattr(cu, f"{prefix}_end")
+        _require(0 <= begin <= 1, f"curriculum.{prefix}_begin", "must be in [0, 1]")
+        _require(0 <= end <= 1, f"curriculum.{prefix}_end", "must be in [0, 1]")
+        _require(begin < end, f"curriculum.{prefix}_end",
+                 f"must be greater than curriculum.{prefix}_begin ({begin})")
+    _require(0 < cu.negative_window <= 1, "curriculum.negative_window", "must be in (0, 1]")
+
+    _require(fe.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    _require(fe.rounds >= 1, "federation.rounds", "must be >= 1")
+    _require(0 < fe.sample_rate <= 1, "federation.sample_rate", "must be in (0, 1]")
+    _require(fe.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    sampled = max(1, round(fe.sample_rate * fe.num_clients))
+    _require(fe.min_replies <= sampled, "federation.min_replies",
+             f"must be <= the clients sampled per round "
+             f"(sample_rate {fe.sample_rate} x num_clients {fe.num_clients} = {sampled})")
+    _require(0 < pr.delta < 1, "privacy.delta", "must be in (0, 1)")
+    _require(pr.level == "none", "privacy.level",
+             f"{pr.level!r} privacy is not available yet (issue 4); use 'none'")
+
+    _require(ru.seed >= 0, "runtime.seed", "must be >= 0")
+    _require(ru.device == "cpu" or ru.device == "auto" or ru.device.startswith("cuda"),
+             "runtime.device", f"must be cpu, auto or cuda[:N]; got {ru.device!r}")
+    _require(ru.threads is None or ru.threads >= 1, "runtime.threads", "must be >= 1 or null")

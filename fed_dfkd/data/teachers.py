@@ -1,0 +1,660 @@
+"""Teacher pretraining: one classifier per data owner's partition (``fed-dfkd pretrain``).
+
+Each owner k trains a private teacher T_k on its partition of the train split (DESIGN.md §1);
+optionally a *central* teacher is trained on the whole train split, the non-federated reference.
+Teachers take images in [0, 1]: the dataset's normalisation is a layer inside the saved model
+(:class:`~fed_dfkd.models.normalized.NormalizedClassifier`).
+
+On disk, under ``OUT/teachers/``::
+
+    client_{k}.pt     {"manifest": dict, "state_dict": NormalizedClassifier state}
+    client_{k}.json   the same manifest, readable without torch; the cache key
+    central.pt/.json  the central teacher, when asked for
+    partitions.json   every client's partition size and class histogram
+
+A teacher whose manifest carries the current :func:`teacher_config_hash` is reused instead of
+retrained. Training is plain cross-entropy, min_θ (1/N) Σ_i CE(T_θ(x_i), y_i), over whole
+in-memory tensors (no data-loader workers: indexing a tensor is faster for data this size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fed_dfkd.config import ExperimentConfig, PretrainConfig, config_hash, config_to_dict
+from fed_dfkd.errors import UserError
+from fed_dfkd.metrics import accuracy
+from fed_dfkd.models import build_classifier
+from fed_dfkd.models.normalized import NormalizedClassifier, freeze
+from fed_dfkd.registry import UnknownNameError
+from fed_dfkd.runs import atomic_torch_save, atomic_write_json
+
+__all__ = [
+    "TeacherManifest",
+    "teacher_config_hash",
+    "teacher_seed",
+    "train_classifier",
+    "predict_logits",
+    "evaluate_accuracy",
+    "pretrain_teachers",
+    "teacher_path",
+    "load_teacher",
+    "load_teachers",
+    "TEACHERS_DIR",
+    "PARTITIONS_FILE",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Sub-folder of ``--out`` that holds the teachers.
+TEACHERS_DIR = "teachers"
+PARTITIONS_FILE = "partitions.json"
+
+#: Largest random shift, in pixels, of the light augmentation (``models.pretrain.augment``).
+_MAX_SHIFT = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherManifest:
+    """What is known about a teacher without its weights (DESIGN.md §5 ``TeacherManifest``).
+
+    ``partition_id`` is the owner's index, ``None`` for the central teacher; ``test_accuracy`` is
+    a fraction in [0, 1] on the coordinator's test split; ``config_hash`` is
+    :func:`teacher_config_hash` of the config it was trained under.
+    """
+
+    architecture: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    dataset: str
+    partition_id: int | None
+    num_clients: int
+    train_size: int
+    class_histogram: list[int]
+    test_accuracy: float
+    config_hash: str
+    created_at: str
+    wall_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """``client_{k}`` or ``central``: the file stem and the name in logs and tables."""
+        return "central" if self.partition_id is None else f"client_{self.partition_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TeacherManifest:
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming the field for anything malformed."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"a teacher manifest is a mapping, got {type(raw).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise ValueError(f"unknown manifest field(s): {', '.join(map(str, unknown))}")
+        optional = {"history"}
+        missing = [name for name in names if name not in raw and name not in optional]
+        if missing:
+            raise ValueError(f"manifest is missing field(s): {', '.join(missing)}")
+        values = dict(raw)
+        for name in ("num_classes", "in_channels", "image_size", "num_clients", "train_size"):
+            values[name] = _expect_int(values[name], name)
+        if values["partition_id"] is not None:
+            values["partition_id"] = _expect_int(values["partition_id"], "partition_id")
+        for name in ("architecture", "dataset", "config_hash", "created_at"):
+            if not isinstance(values[name], str):
+                raise ValueError(f"manifest field {name} must be a string, got {values[name]!r}")
+        for name in ("test_accuracy", "wall_seconds"):
+            if isinstance(values[name], bool) or not isinstance(values[name], (int, float)):
+                raise ValueError(f"manifest field {name} must be a number, got {values[name]!r}")
+            values[name] = float(values[name])
+        for name in ("mean", "std"):
+            values[name] = [float(v) for v in _expect_list(values[name], name)]
+        values["class_names"] = [str(v) for v in _expect_list(values["class_names"], "class_names")]
+        histogram = _expect_list(values["class_histogram"], "class_histogram")
+        values["class_histogram"] = [_expect_int(v, "class_histogram") for v in histogram]
+        values["history"] = list(_expect_list(values.get("history", []), "history"))
+        if len(values["class_histogram"]) != values["num_classes"]:
+            raise ValueError(
+                f"class_histogram has {len(values['class_histogram'])} entries, "
+                f"expected num_classes = {values['num_classes']}"
+            )
+        return cls(**values)
+
+
+def _expect_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"manifest field {name} must be an integer, got {value!r}")
+    return value
+
+
+def _expect_list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"manifest field {name} must be a list, got {value!r}")
+    return list(value)
+
+
+def teacher_config_hash(cfg: ExperimentConfig) -> str:
+    """Hash of exactly the config parts that determine a teacher.
+
+    The ``data`` section (but not ``eval_batch_size``, which changes no result),
+    ``models.teacher``, ``models.pretrain``, ``federation.num_clients`` (it shapes the
+    partitions) and ``runtime.seed``. Changing anything else (method, distillation, rounds)
+    keeps the cached teachers.
+    """
+    data = config_to_dict(cfg.data)
+    data.pop("eval_batch_size")
+    return config_hash(
+        {
+            "data": data,
+            "teacher": cfg.models.teacher,
+            "pretrain": config_to_dict(cfg.models.pretrain),
+            "num_clients": cfg.federation.num_clients,
+            "seed": cfg.runtime.seed,
+        }
+    )
+
+
+def teacher_seed(seed: int, partition_id: int | None) -> int:
+    """Seed of one teacher's initialisation and shuffling, derived from ``runtime.seed``.
+
+    Distinct per owner (and for the central teacher), so teachers are not initialised alike.
+    """
+    stream = 0 if partition_id is None else partition_id + 1
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint32)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_bounds(size: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each batch; a last batch of one joins the one before it.
+
+    A one-image batch gives BatchNorm statistics from a single image and a very noisy step.
+    """
+    bounds = [(start, min(start + batch_size, size)) for start in range(0, size, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], size)
+        bounds.pop()
+    return bounds
+
+
+def _random_shift(images: Tensor, *, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Shift each image by up to ``max_shift`` pixels each way (zero padding, then a crop)."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(images.device)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [B, H]
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [B, W]
+    batch_index = torch.arange(batch, device=images.device)[:, None, None]
+    # Advanced indexing on dims 0, 2, 3 moves the channel dim last: [B, H, W, C].
+    cropped = padded[batch_index, :, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+def _make_optimizer(parameters: Any, config: PretrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: adam, sgd")
+
+
+def _check_images(images: Tensor, labels: Tensor | None = None) -> None:
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got {tuple(images.shape)}")
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+
+
+def train_classifier(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    config: PretrainConfig,
+    seed: int,
+    device: torch.device | str,
+    progress_desc: str | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place with cross-entropy, min_θ (1/N) Σ_i CE(model(x_i), y_i).
+
+    ``images`` are whatever the model takes (for teachers: [0, 1] images, the model normalises).
+    Shuffling and augmentation draw from a ``torch.Generator`` seeded with ``seed``. Adam or SGD
+    per ``config.optimizer``; with ``lr_schedule: cosine`` the learning rate follows
+    lr·½(1 + cos(π·t/T)) over the T steps of training. ``config.augment`` shifts each image by up
+    to 2 pixels. ``progress_desc`` names a progress bar over epochs, shown on a terminal only.
+
+    Returns one record per epoch: ``epoch``, ``loss`` and ``accuracy`` (means over the epoch's
+    training batches, as seen during training) and ``lr`` (at the epoch's last step).
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    _check_images(images, labels)
+    device = torch.device(device)
+    model.to(device)
+    model.train()
+    images, labels = images.to(device), labels.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _make_optimizer(model.parameters(), config)
+
+    size = images.shape[0]
+    batches_per_epoch = len(_batch_bounds(size, config.batch_size))
+    total_steps = config.epochs * batches_per_epoch
+    step = 0
+    history: list[dict[str, float]] = []
+    epochs: Any = range(config.epochs)
+    if progress_desc is not None:
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, nothing in a log file.
+        epochs = tqdm(epochs, desc=progress_desc, unit="epoch", leave=False, disable=None)
+    for epoch in epochs:
+        order = torch.randperm(size, generator=generator).to(device)
+        loss_sum, correct = 0.0, 0
+        for start, end in _batch_bounds(size, config.batch_size):
+            if config.lr_schedule == "cosine":
+                lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            index = order[start:end]
+            batch, targets = images[index], labels[index]
+            if config.augment:
+                batch = _random_shift(batch, max_shift=_MAX_SHIFT, generator=generator)
+            logits = model(batch)
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss.detach()) * (end - start)
+            correct += int((logits.detach().argmax(dim=1) == targets).sum())
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / size,
+            "accuracy": correct / size,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        if not math.isfinite(record["loss"]):
+            raise UserError(
+                f"teacher training diverged (loss {record['loss']}) in epoch {epoch + 1}; "
+                f"lower models.pretrain.lr (now {config.lr})"
+            )
+        history.append(record)
+        logger.debug(
+            "%s epoch %d/%d: loss %.4f, train accuracy %.4f, lr %.3g",
+            progress_desc or "training", epoch + 1, config.epochs, record["loss"],
+            record["accuracy"], record["lr"],
+        )
+    return history
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def predict_logits(model: nn.Module, images: Tensor, *, batch_size: int) -> Tensor:
+    """Logits [N, C] of ``model`` on ``images``, in eval mode and without gradient, on the CPU.
+
+    Batches go to the model's device; the model's train/eval mode is restored afterwards.
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    _check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = [
+                model(images[start : start + batch_size].to(device)).float().cpu()
+                for start in range(0, images.shape[0], batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)
+
+
+def evaluate_accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` on ``images``; see :func:`predict_logits`."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return accuracy(predict_logits(model, images, batch_size=batch_size), labels.cpu())
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining all teachers
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_path(out_dir: Path | str, partition_id: int | None) -> Path:
+    """``OUT/teachers/client_{k}.pt``, or ``OUT/teachers/central.pt`` for ``None``."""
+    name = "central" if partition_id is None else f"client_{partition_id}"
+    return Path(out_dir) / TEACHERS_DIR / f"{name}.pt"
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"runtime.device is {name!r} but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def _cached_manifest(path: Path, *, expected_hash: str, partition_id: int | None) -> TeacherManifest | None:
+    """The manifest next to ``path`` if it is there, readable and made by the same config."""
+    json_path = path.with_suffix(".json")
+    if not (path.is_file() and json_path.is_file()):
+        return None
+    try:
+        manifest = TeacherManifest.from_dict(json.loads(json_path.read_text()))
+    except (OSError, ValueError) as error:
+        logger.warning("%s is unreadable (%s); training that teacher again", json_path, error)
+        return None
+    if manifest.config_hash != expected_hash or manifest.partition_id != partition_id:
+        logger.info(
+            "%s was trained under another config (hash %s, now %s); training it again",
+            path, manifest.config_hash, expected_hash,
+        )
+        return None
+    return manifest
+
+
+def _train_one_teacher(
+    cfg: ExperimentConfig,
+    splits: Any,
+    indices: np.ndarray | None,
+    *,
+    partition_id: int | None,
+    expected_hash: str,
+    device: torch.device,
+) -> tuple[NormalizedClassifier, TeacherManifest]:
+    info = splits.info
+    if indices is None:
+        images, labels = splits.train_images, splits.train_labels
+    else:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images, labels = splits.train_images[index], splits.train_labels[index]
+    seed = teacher_seed(cfg.runtime.seed, partition_id)
+    name = "central" if partition_id is None else f"client_{partition_id}"
+    started = time.perf_counter()
+    # The architectures initialise from the global RNG; fork it so that seeding here leaves the
+    # caller's random state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_classifier(
+            cfg.models.teacher,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+        )
+    model = NormalizedClassifier(net, info.mean, info.std)
+    history = train_classifier(
+        model, images, labels, config=cfg.models.pretrain, seed=seed, device=device,
+        progress_desc=f"teacher {name}",
+    )
+    test_accuracy = evaluate_accuracy(
+        model, splits.test_images, splits.test_labels, batch_size=cfg.data.eval_batch_size
+    )
+    wall_seconds = time.perf_counter() - started
+    histogram = torch.bincount(labels, minlength=info.num_classes).tolist()
+    manifest = TeacherManifest(
+        architecture=cfg.models.teacher,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+        mean=[float(v) for v in info.mean],
+        std=[float(v) for v in info.std],
+        class_names=[str(v) for v in info.class_names],
+        dataset=info.name,
+        partition_id=partition_id,
+        num_clients=cfg.federation.num_clients,
+        train_size=int(labels.shape[0]),
+        class_histogram=[int(v) for v in histogram],
+        test_accuracy=test_accuracy,
+        config_hash=expected_hash,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=round(wall_seconds, 3),
+        history=history,
+    )
+    return model, manifest
+
+
+def _save_teacher(model: nn.Module, manifest: TeacherManifest, path: Path) -> None:
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    # Weights first: the .json is the cache key, so it must never announce a missing .pt.
+    atomic_torch_save({"manifest": manifest.to_dict(), "state_dict": state}, path)
+    atomic_write_json(path.with_suffix(".json"), manifest.to_dict())
+
+
+def pretrain_teachers(
+    cfg: ExperimentConfig,
+    out_dir: Path | str,
+    *,
+    central: bool = False,
+    clients: bool = True,
+    splits: Any = None,
+    force: bool = False,
+    device: torch.device | str | None = None,
+) -> list[TeacherManifest]:
+    """Train (or reuse) one teacher per owner and, with ``central``, one on all train data.
+
+    The train split is partitioned into ``federation.num_clients`` parts (``data.partition``,
+    ``data.dirichlet_alpha``, ``data.min_partition_size``, seed ``runtime.seed``). A teacher whose
+    saved manifest has the current :func:`teacher_config_hash` is reused unless ``force``.
+    ``splits`` (a :class:`~fed_dfkd.data.datasets.DatasetSplits`) skips loading the dataset;
+    ``device`` overrides ``runtime.device``. Returns the manifests, clients first in order, then
+    the central one.
+    """
+    # Imported here: fed_dfkd.data's package module may import this one.
+    from fed_dfkd.data.datasets import load_dataset
+    from fed_dfkd.data.partition import class_histograms, partition
+
+    out_dir = Path(out_dir)
+    teachers_dir = out_dir / TEACHERS_DIR
+    expected_hash = teacher_config_hash(cfg)
+    device = _resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    if splits is None:
+        splits = load_dataset(
+            cfg.data.dataset,
+            root=cfg.data.root,
+            seed=cfg.runtime.seed,
+            test_fraction=cfg.data.test_fraction,
+            train_subset=cfg.data.train_subset,
+            test_subset=cfg.data.test_subset,
+        )
+    info = splits.info
+    train_labels = splits.train_labels.cpu().numpy()
+
+    jobs: list[tuple[int | None, np.ndarray | None]] = []
+    if clients:
+        num_clients = cfg.federation.num_clients
+        partitions = partition(
+            train_labels,
+            num_clients,
+            scheme=cfg.data.partition,
+            alpha=cfg.data.dirichlet_alpha,
+            seed=cfg.runtime.seed,
+            min_partition_size=cfg.data.min_partition_size,
+        )
+        histograms = np.asarray(class_histograms(train_labels, partitions, info.num_classes))
+        atomic_write_json(
+            teachers_dir / PARTITIONS_FILE,
+            {
+                "dataset": info.name,
+                "source": splits.source,
+                "scheme": cfg.data.partition,
+                "dirichlet_alpha": cfg.data.dirichlet_alpha,
+                "min_partition_size": cfg.data.min_partition_size,
+                "seed": cfg.runtime.seed,
+                "num_clients": num_clients,
+                "num_classes": info.num_classes,
+                "train_size": int(train_labels.shape[0]),
+                "config_hash": expected_hash,
+                "clients": [
+                    {
+                        "partition_id": k,
+                        "size": int(len(indices)),
+                        "class_histogram": [int(v) for v in histograms[k]],
+                    }
+                    for k, indices in enumerate(partitions)
+                ],
+            },
+        )
+        jobs.extend((k, np.asarray(indices)) for k, indices in enumerate(partitions))
+    if central:
+        jobs.append((None, None))
+
+    manifests: list[TeacherManifest] = []
+    for partition_id, indices in jobs:
+        path = teacher_path(out_dir, partition_id)
+        cached = None if force else _cached_manifest(
+            path, expected_hash=expected_hash, partition_id=partition_id
+        )
+        if cached is not None:
+            logger.info(
+                "teacher %s: reusing %s (test accuracy %.4f, config hash %s)",
+                cached.name, path, cached.test_accuracy, expected_hash,
+            )
+            manifests.append(cached)
+            continue
+        model, manifest = _train_one_teacher(
+            cfg, splits, indices, partition_id=partition_id, expected_hash=expected_hash, device=device
+        )
+        _save_teacher(model, manifest, path)
+        logger.info(
+            "teacher %s: %d train images, test accuracy %.4f, %.1f s -> %s",
+            manifest.name, manifest.train_size, manifest.test_accuracy, manifest.wall_seconds, path,
+        )
+        manifests.append(manifest)
+    return manifests
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_teacher(
+    path: Path | str, *, device: torch.device | str = "cpu"
+) -> tuple[NormalizedClassifier, TeacherManifest]:
+    """Load a teacher saved by :func:`pretrain_teachers`, frozen (eval mode, no gradients).
+
+    A missing, damaged or foreign file raises :class:`~fed_dfkd.errors.UserError` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher file {path} not found; run `fed-dfkd pretrain` to create it")
+    hint = "delete it or run `fed-dfkd pretrain --force` to train it again"
+    try:
+        # weights_only: a teacher file holds tensors and plain values only, nothing to unpickle.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"teacher file {path} cannot be read ({reason}); {hint}") from None
+    if not isinstance(saved, dict) or "manifest" not in saved or "state_dict" not in saved:
+        raise UserError(f"teacher file {path} is not a fed-dfkd teacher (no manifest and weights); {hint}")
+    try:
+        manifest = TeacherManifest.from_dict(saved["manifest"])
+    except ValueError as error:
+        raise UserError(f"teacher file {path} has a bad manifest: {error}; {hint}") from None
+    try:
+        net = build_classifier(
+            manifest.architecture,
+            num_classes=manifest.num_classes,
+            in_channels=manifest.in_channels,
+            image_size=manifest.image_size,
+        )
+        model = NormalizedClassifier(net, manifest.mean, manifest.std)
+    except (UnknownNameError, ValueError) as error:
+        raise UserError(f"teacher file {path}: cannot build its model: {error}") from None
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(
+            f"teacher file {path}: its weights do not fit a {manifest.architecture} ({first_line}); {hint}"
+        ) from None
+    model.to(device)
+    freeze(model)
+    return model, manifest
+
+
+def load_teachers(
+    out_dir: Path | str,
+    *,
+    source: Literal["clients", "central"],
+    num_clients: int,
+    expected_hash: str | None = None,
+    device: torch.device | str = "cpu",
+) -> list[tuple[NormalizedClassifier, TeacherManifest]]:
+    """The ``num_clients`` owners' teachers (``source="clients"``) or the central one, frozen.
+
+    A missing teacher raises :class:`~fed_dfkd.errors.UserError` telling the user to run
+    ``fed-dfkd pretrain``; so does a set of teachers made for another number of clients, or,
+    when ``expected_hash`` is given, under another config (see :func:`teacher_config_hash`).
+    """
+    out_dir = Path(out_dir)
+    if source == "clients":
+        ids: Sequence[int | None] = list(range(num_clients))
+        command = f"fed-dfkd pretrain --config CONFIG --out {out_dir}"
+    elif source == "central":
+        ids = [None]
+        command = f"fed-dfkd pretrain --config CONFIG --out {out_dir} --central"
+    else:
+        raise ValueError(f"source must be 'clients' or 'central', got {source!r}")
+    missing = [teacher_path(out_dir, k) for k in ids if not teacher_path(out_dir, k).is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(f"no teacher at {shown}; run `{command}` first")
+    teachers = [load_teacher(teacher_path(out_dir, k), device=device) for k in ids]
+    for k, (_, manifest) in zip(ids, teachers):
+        path = teacher_path(out_dir, k)
+        if manifest.partition_id != k:
+            raise UserError(
+                f"teacher file {path} holds the teacher of "
+                f"{manifest.name}, not of {path.stem}; run `{command} --force`"
+            )
+        if source == "clients" and manifest.num_clients != num_clients:
+            raise UserError(
+                f"teacher {path} was trained for {manifest.num_clients} clients, but "
+                f"federation.num_clients is {num_clients}; run `{command} --force`"
+            )
+        if expected_hash is not None and manifest.config_hash != expected_hash:
+            raise UserError(
+                f"teacher {path} was trained under another config (hash {manifest.config_hash}, "
+                f"this config gives {expected_hash}); run `{command}` to train matching teachers"
+            )
+    return teachers

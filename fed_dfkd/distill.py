@@ -1,0 +1,141 @@
+"""Student steps on (pseudo-batch, aggregated teacher targets).
+
+Per sample i (algorithms.md §3.3, §4.3, §12.1):
+
+    ℓ_i = ℓ_KD(s_i, t_i) + λ_rel·ℓ_rel,i          (λ_rel = method.relation_weight; 0 except AdaDFKD)
+    L_S = (1/B)·Σ_i v_i·ℓ_i                      v_i self-paced, held constant (no gradient)
+
+ℓ_KD is the KL at temperature τ (×τ²) or the logit L1. ℓ_rel is the per-row in-batch InfoNCE
+between teacher and student embeddings. Deliberate deviation: the embeddings are the teacher's
+aggregated *logits* and the student's logits rather than penultimate features, because logits
+are what crosses the wire in the federation (algorithms.md §11 allows it; features leak more
+and need one projection per teacher architecture). The learning rate follows a cosine of the
+progress p (§12.3), not of epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from fed_dfkd.config import CurriculumConfig, DistillConfig, MethodConfig
+from fed_dfkd.curriculum import SelfPacedWeighting, schedules
+from fed_dfkd.losses import kd_per_sample, relation_infonce_per_sample
+from fed_dfkd.models import Classifier
+from fed_dfkd.synthesis import Progress
+
+
+@dataclass(frozen=True)
+class StudentStepReport:
+    loss: float
+    kd_loss: float
+    relation_loss: float
+    mean_weight: float
+    admitted_fraction: float
+    pace: float
+    lr: float
+
+
+def build_student_optimizer(student: Classifier, distill: DistillConfig) -> torch.optim.Optimizer:
+    if distill.optimizer == "sgd":
+        return torch.optim.SGD(
+            student.parameters(), lr=distill.lr, momentum=distill.momentum,
+            weight_decay=distill.weight_decay,
+        )
+    return torch.optim.Adam(student.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
+
+
+class StudentTrainer:
+    """Owns the student's optimizer and self-paced state; one call of :meth:`step` per batch."""
+
+    def __init__(
+        self,
+        student: Classifier,
+        distill: DistillConfig,
+        curriculum: CurriculumConfig,
+        method: MethodConfig,
+    ) -> None:
+        self.student = student
+        self.distill = distill
+        self.relation_weight = float(method.relation_weight)
+        self.relation_temperature = float(method.contrastive_temperature)
+        self.optimizer = build_student_optimizer(student, distill)
+        self.weighting: SelfPacedWeighting | None = None
+        if curriculum.enabled:
+            self.weighting = SelfPacedWeighting(
+                kind=curriculum.weighting,
+                granularity=curriculum.granularity,
+                pace=curriculum.pace,
+                pace_start=curriculum.pace_start,
+                pace_end=curriculum.pace_end,
+                sharpness=curriculum.sharpness,
+                history=curriculum.history,
+            )
+
+    def learning_rate(self, progress: Progress) -> float:
+        if self.distill.lr_schedule == "cosine":
+            return schedules.cosine(progress.fraction, base=self.distill.lr)
+        return self.distill.lr
+
+    def per_sample_loss(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(ℓ_i, ℓ_KD,i, ℓ_rel,i), each ``[B]``; ℓ_rel is zero without a relation weight."""
+        kd = kd_per_sample(
+            student_logits, teacher_logits,
+            divergence=self.distill.divergence, temperature=self.distill.temperature,
+        )
+        if self.relation_weight:
+            relation = relation_infonce_per_sample(
+                teacher_logits, student_logits, temperature=self.relation_temperature
+            )
+        else:
+            relation = torch.zeros_like(kd)
+        return kd + self.relation_weight * relation, kd, relation
+
+    def step(self, images: Tensor, teacher_logits: Tensor, progress: Progress) -> StudentStepReport:
+        """One optimizer step of the student on ``images`` (in [0, 1]) against ``teacher_logits``."""
+        lr = self.learning_rate(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.student.train()
+        student_logits = self.student(images)
+        losses, kd, relation = self.per_sample_loss(student_logits, teacher_logits.to(student_logits.dtype))
+        if self.weighting is not None:
+            paced = self.weighting(losses.detach(), progress.fraction)
+            loss = (paced.weights * losses).mean()
+            mean_weight, admitted, pace = paced.mean_weight, paced.admitted_fraction, paced.pace
+        else:
+            loss = losses.mean()
+            mean_weight, admitted, pace = 1.0, 1.0, float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return StudentStepReport(
+            loss=float(loss.detach()),
+            kd_loss=float(kd.detach().mean()),
+            relation_loss=float(relation.detach().mean()),
+            mean_weight=mean_weight,
+            admitted_fraction=admitted,
+            pace=pace,
+            lr=lr,
+        )
+
+    def train_round(self, images: Tensor, teacher_logits: Tensor, progress: Progress) -> dict[str, float]:
+        """One step per batch of ``images`` ``[steps, B, C, H, W]`` (float in [0, 1]) with targets
+        ``[steps, B, classes]``; returns the mean of every reported quantity."""
+        reports = [self.step(x, t, progress) for x, t in zip(images, teacher_logits)]
+        keys = asdict(reports[0]).keys()
+        return {key: sum(getattr(r, key) for r in reports) / len(reports) for key in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "weighting": None if self.weighting is None else self.weighting.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.weighting is not None and state["weighting"] is not None:
+            self.weighting.load_state_dict(state["weighting"])

@@ -1,0 +1,57 @@
+"""Evaluation of the student against the real test split and the teachers (metrics.py)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fed_dfkd.aggregation import aggregate_logits
+from fed_dfkd.metrics import accuracy, agreement, probability_loyalty
+from fed_dfkd.models import Classifier
+
+
+@torch.no_grad()
+def predict_logits(model: Classifier, images: Tensor, *, batch_size: int = 1024) -> Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        chunks = [model(images[i : i + batch_size].to(device)).float().cpu()
+                  for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+class Evaluator:
+    """Scores students on a fixed test split; the teachers' test logits are computed once."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        teachers: Sequence[Classifier],
+        *,
+        rule: str = "mean",
+        weights: Sequence[float] | None = None,
+        batch_size: int = 1024,
+    ) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        member_logits = torch.stack([predict_logits(t, images, batch_size=batch_size) for t in teachers])
+        self.teacher_accuracies = [accuracy(logits, labels) for logits in member_logits]
+        self.ensemble_logits = aggregate_logits(member_logits, rule=rule, weights=weights)
+        self.ensemble_accuracy = accuracy(self.ensemble_logits, labels)
+
+    @property
+    def best_teacher_accuracy(self) -> float:
+        return max(self.teacher_accuracies)
+
+    def evaluate(self, student: Classifier) -> dict[str, float]:
+        logits = predict_logits(student, self.images, batch_size=self.batch_size)
+        return {
+            "student_accuracy": accuracy(logits, self.labels),
+            "agreement": agreement(logits, self.ensemble_logits),
+            "probability_loyalty": probability_loyalty(logits, self.ensemble_logits),
+        }

@@ -1,0 +1,76 @@
+"""Classifiers that take images in [0, 1], and an ensemble of such classifiers.
+
+Everything that moves between components (generator output, real images, the uint8 pseudo-
+batches on the wire) is an image in [0, 1]. The dataset's normalisation is part of each model,
+so a teacher, a student and the generator can never disagree about it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fed_dfkd.models.base import Classifier, Normalize
+
+
+class NormalizedClassifier(Classifier):
+    """``net(normalize(x))`` for images ``x`` in [0, 1]."""
+
+    def __init__(self, net: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(
+            num_classes=net.num_classes,
+            feature_dim=net.feature_dim,
+            in_channels=net.in_channels,
+            image_size=net.image_size,
+        )
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net.forward_features(self.normalize(x))
+
+
+class TeacherEnsemble(Classifier):
+    """The centralised stand-in for several owners' teachers.
+
+    Logits are the mean of the members' logits (differentiable, so generator objectives can be
+    computed through it); features are the members' features concatenated, so the R2M anchor
+    keeps every teacher's embedding. The BN-statistics prior finds every member's BatchNorm
+    layers through ``modules()`` and sums over them, which is what a federation of these
+    teachers sums over its clients.
+    """
+
+    def __init__(self, members: Sequence[Classifier]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one teacher")
+        first = members[0]
+        for member in members[1:]:
+            if member.num_classes != first.num_classes:
+                raise ValueError("ensemble members disagree on the number of classes")
+        super().__init__(
+            num_classes=first.num_classes,
+            feature_dim=sum(m.feature_dim for m in members),
+            in_channels=first.in_channels,
+            image_size=first.image_size,
+        )
+        self.members = nn.ModuleList(members)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = [member.forward_features(x) for member in self.members]
+        logits = torch.stack([o[0] for o in outputs]).mean(dim=0)
+        features = torch.cat([o[1] for o in outputs], dim=1)
+        return logits, features
+
+    def member_logits(self, x: Tensor) -> Tensor:
+        """[K, B, C] logits of every member."""
+        return torch.stack([member(x) for member in self.members])
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: a teacher never trains during distillation."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

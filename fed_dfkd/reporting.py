@@ -1,0 +1,97 @@
+"""``report.json`` and the plots every training command writes (DESIGN.md §7).
+
+Report keys (issue 2): ``method``, ``dataset``, ``num_clients``, ``dirichlet_alpha``,
+``rounds_completed``, ``wall_seconds``, ``student_accuracy``, ``teacher_accuracies``,
+``ensemble_accuracy``, ``best_teacher_accuracy``, ``agreement``, ``probability_loyalty`` and
+``history`` (one dict per round with at least ``step`` and ``student_accuracy``). Accuracies
+are fractions in [0, 1]. Later engines add their own keys through ``extra``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fed_dfkd.config import ExperimentConfig, config_hash
+
+# Per-round keys copied from metrics.jsonl into report["history"] (the full record stays in
+# metrics.jsonl).
+HISTORY_KEYS = (
+    "step", "round", "student_accuracy", "agreement", "probability_loyalty", "generator_loss",
+    "student_loss", "kd_loss", "mean_weight", "admitted_fraction", "pace", "seconds",
+    "replies", "bytes", "epsilon",
+)
+
+
+def last_evaluated(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    for record in reversed(history):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+    return None
+
+
+def build_report(
+    cfg: ExperimentConfig,
+    *,
+    history: Sequence[Mapping[str, Any]],
+    wall_seconds: float,
+    teacher_accuracies: Sequence[float],
+    ensemble_accuracy: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    accuracies = [r["student_accuracy"] for r in history if r.get("student_accuracy") is not None]
+    student_accuracy = last_evaluated(history, "student_accuracy")
+    best_teacher = max(teacher_accuracies) if teacher_accuracies else None
+    report: dict[str, Any] = {
+        "method": cfg.method.name,
+        "dataset": cfg.data.dataset,
+        "num_clients": cfg.federation.num_clients,
+        "dirichlet_alpha": cfg.data.dirichlet_alpha if cfg.data.partition == "dirichlet" else None,
+        "partition": cfg.data.partition,
+        "rounds_completed": len(history),
+        "rounds_total": cfg.federation.rounds,
+        "wall_seconds": wall_seconds,
+        "student_accuracy": student_accuracy,
+        "best_student_accuracy": max(accuracies) if accuracies else None,
+        "teacher_accuracies": list(teacher_accuracies),
+        "ensemble_accuracy": ensemble_accuracy,
+        "best_teacher_accuracy": best_teacher,
+        "student_to_teacher": (
+            student_accuracy / best_teacher if student_accuracy is not None and best_teacher else None
+        ),
+        "student_to_ensemble": (
+            student_accuracy / ensemble_accuracy
+            if student_accuracy is not None and ensemble_accuracy else None
+        ),
+        "agreement": last_evaluated(history, "agreement"),
+        "probability_loyalty": last_evaluated(history, "probability_loyalty"),
+        "teacher_architecture": cfg.models.teacher,
+        "student_architecture": cfg.models.student,
+        "seed": cfg.runtime.seed,
+        "config_hash": config_hash(cfg),
+    }
+    report.update(extra or {})
+    report["history"] = [{k: r[k] for k in HISTORY_KEYS if k in r} for r in history]
+    return report
+
+
+def write_plots(
+    plots_dir: Path,
+    history: Sequence[Mapping[str, Any]],
+    *,
+    teacher_accuracy: float | None,
+    ensemble_accuracy: float | None,
+    samples: Any = None,
+    sample_labels: Sequence[str] | None = None,
+) -> None:
+    from fed_dfkd.plots import plot_accuracy, plot_epsilon, save_image_grid
+
+    plot_accuracy(plots_dir / "accuracy.png", list(history),
+                  teacher_accuracy=teacher_accuracy, ensemble_accuracy=ensemble_accuracy)
+    if any(r.get("epsilon") is not None for r in history):
+        plot_epsilon(plots_dir / "epsilon.png", list(history))
+    if samples is not None:
+        save_image_grid(plots_dir / "samples.png", samples, nrow=8,
+                        labels=list(sample_labels) if sample_labels is not None else None)
