@@ -7,7 +7,8 @@ One round here is exactly one federated round with every teacher in one process
 2. the teachers' logits on X, aggregated into targets (``distill.ensemble``);
 3. ``method.generator_steps`` generator steps against the teacher(s) and the student as it was
    at the start of the round (what a client receives);
-4. ``distill.student_steps`` student steps, one per pseudo-batch of X.
+4. ``distill.student_steps`` student steps, one per pseudo-batch of X (or, with
+   ``distill.replay_rounds``, on batches drawn from this and recent rounds' labelled X).
 
 Progress p = completed rounds / ``federation.rounds`` drives every schedule. Several teachers
 are combined by :class:`~fed_dfkd.models.normalized.TeacherEnsemble` for the generator terms.
@@ -24,7 +25,7 @@ import torch
 from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.data import DatasetInfo
-from fed_dfkd.distill import StudentTrainer
+from fed_dfkd.distill import ReplayBuffer, StudentTrainer
 from fed_dfkd.models import Classifier, Generator, build_classifier, build_generator
 from fed_dfkd.models.normalized import NormalizedClassifier, TeacherEnsemble, freeze
 from fed_dfkd.samples import as_float_images, draw_pseudo_batches
@@ -75,6 +76,7 @@ class CentralDistillation:
             student_feature_dim=self.student.feature_dim, seed=cfg.runtime.seed,
         )
         self.trainer = StudentTrainer(self.student, cfg.distill, cfg.curriculum, cfg.method)
+        self.replay = ReplayBuffer(cfg.distill.replay_rounds)
         self.round = 0
         self.total_rounds = cfg.federation.rounds
         self.last_samples: torch.Tensor | None = None
@@ -98,7 +100,8 @@ class CentralDistillation:
         progress = Progress.of_round(r, self.total_rounds)
         started = time.perf_counter()
         samples = draw_pseudo_batches(
-            self.generator, num_batches=cfg.distill.student_steps, batch_size=cfg.distill.batch_size,
+            self.generator, num_batches=cfg.distill.pseudo_batches or cfg.distill.student_steps,
+            batch_size=cfg.distill.batch_size,
             rng=make_rng(seed, "pseudo-batches", r, device=self.device),
             quantize=cfg.distill.quantize_samples,
         )
@@ -110,7 +113,11 @@ class CentralDistillation:
             optimizer=self.generator_optimizer, progress=progress,
             rng=make_rng(seed, "generator-steps", r, device=self.device),
         )
-        student = self.trainer.train_round(images, targets, progress)
+        self.replay.add(samples, targets)
+        replay_images, replay_targets = self.replay.schedule(
+            cfg.distill.student_steps, rng=make_rng(seed, "replay", r)
+        )
+        student = self.trainer.train_round(as_float_images(replay_images), replay_targets, progress)
         self.last_samples = samples[0]
         self.round += 1
         metrics: dict[str, Any] = {
@@ -139,6 +146,7 @@ class CentralDistillation:
             "student": self.student.state_dict(),
             "trainer": self.trainer.state_dict(),
             "synthesizer": self.synthesizer.state_dict(),
+            "replay": self.replay.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -147,4 +155,5 @@ class CentralDistillation:
         self.student.load_state_dict(state["student"])
         self.trainer.load_state_dict(state["trainer"])
         self.synthesizer.load_state_dict(state["synthesizer"])
+        self.replay.load_state_dict(state["replay"])
         self.round = int(state["round"])

@@ -145,7 +145,11 @@ class DistillConfig:
 
     teacher_source: Literal["clients", "central"] = "clients"
     batch_size: int = 256
+    # Pseudo-batches drawn from G per round (teachers label each once); null = student_steps.
+    pseudo_batches: int | None = None
     student_steps: int = 10
+    # Past rounds whose labelled pseudo-batches the student replays (0 = this round only).
+    replay_rounds: int = 0
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -283,14 +287,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(path, f"must be an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(path, f"must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -347,6 +356,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines; the CLI promises one."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'a.b=value'`` -> ``('a.b', yaml-parsed value)``."""
     if "=" not in text:
@@ -355,7 +373,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(key.strip(), f"cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(key.strip(), f"cannot parse value {raw!r}: {_one_line(exc)}") from None
     return key.strip(), value
 
 
@@ -387,7 +405,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+        raise UserError(f"{path} is not valid YAML: {_one_line(exc)}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError("", f"{path} must hold a mapping of sections")
     return config_from_dict(raw, overrides)
@@ -475,6 +493,8 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(p.epochs >= 1, "models.pretrain.epochs", "must be >= 1")
     _require(p.batch_size >= 1, "models.pretrain.batch_size", "must be >= 1")
     _require(p.lr > 0, "models.pretrain.lr", "must be > 0")
+    _require(p.momentum >= 0, "models.pretrain.momentum", "must be >= 0")
+    _require(p.weight_decay >= 0, "models.pretrain.weight_decay", "must be >= 0")
 
     _require(me.generator_lr > 0, "method.generator_lr", "must be > 0")
     _require(all(0 <= b < 1 for b in me.generator_betas), "method.generator_betas",
@@ -490,7 +510,12 @@ def _check(cfg: ExperimentConfig) -> None:
 
     _require(di.batch_size >= 2, "distill.batch_size", "must be >= 2")
     _require(di.student_steps >= 1, "distill.student_steps", "must be >= 1")
+    _require(di.pseudo_batches is None or di.pseudo_batches >= 1, "distill.pseudo_batches",
+             "must be >= 1 or null")
+    _require(di.replay_rounds >= 0, "distill.replay_rounds", "must be >= 0")
     _require(di.lr > 0, "distill.lr", "must be > 0")
+    _require(di.momentum >= 0, "distill.momentum", "must be >= 0")
+    _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
     _require(di.temperature > 0, "distill.temperature", "must be > 0")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
 

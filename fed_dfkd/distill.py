@@ -39,6 +39,50 @@ class StudentStepReport:
     lr: float
 
 
+class ReplayBuffer:
+    """Labelled pseudo-batches of the last ``rounds + 1`` rounds, kept by whoever trains S.
+
+    Student steps are cheap next to generator steps and the teachers' labels are already paid
+    for, so replaying recent rounds gives the student more steps per round at no cost in queries
+    or bytes (the idea of CuDFKD's memory bank, algorithms.md §3.6, bounded). Batches stay
+    uint8 when they arrived so.
+    """
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self._entries: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, images: Tensor, targets: Tensor) -> None:
+        """Append one round's ``[b, B, C, H, W]`` images and ``[b, B, classes]`` targets."""
+        self._entries.append((images, targets))
+        del self._entries[: max(0, len(self._entries) - (self.rounds + 1))]
+
+    def batches(self) -> tuple[Tensor, Tensor]:
+        images = torch.cat([e[0] for e in self._entries])
+        targets = torch.cat([e[1] for e in self._entries])
+        return images, targets
+
+    def schedule(self, steps: int, *, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The ``steps`` (images, targets) batches to train on this round.
+
+        Without replay and with one batch per step this is the round's batches in order (the
+        reference's fresh batch per step); otherwise batches are drawn uniformly with ``rng``.
+        """
+        images, targets = self.batches()
+        if self.rounds == 0 and len(images) == steps:
+            return images, targets
+        index = torch.randint(len(images), (steps,), generator=rng)
+        return images[index], targets[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "entries": [(i.clone(), t.clone()) for i, t in self._entries]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["rounds"]) != self.rounds:
+            raise ValueError(f"replay buffer holds {state['rounds']} rounds, expected {self.rounds}")
+        self._entries = [(i.clone(), t.clone()) for i, t in state["entries"]]
+
+
 def build_student_optimizer(student: Classifier, distill: DistillConfig) -> torch.optim.Optimizer:
     if distill.optimizer == "sgd":
         return torch.optim.SGD(

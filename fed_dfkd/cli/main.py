@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc.code, file=sys.stderr)
             return 2
         return int(exc.code or 0)
+    from fed_dfkd.cli.common import setup_logging
+
+    setup_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

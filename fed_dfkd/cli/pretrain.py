@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from fed_dfkd.cli.common import add_config_arguments, config_from_args, prepare_out_dir, setup_logging
+from fed_dfkd.cli.common import add_config_arguments, config_from_args, prepare_out_dir
 from fed_dfkd.config import dump_config
 from fed_dfkd.data.teachers import TEACHERS_DIR, TeacherManifest, pretrain_teachers
 from fed_dfkd.errors import UserError
@@ -46,7 +46,6 @@ def format_table(manifests: Sequence[TeacherManifest]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(getattr(args, "verbose", False))
     cfg = config_from_args(args)
     if args.no_clients and not args.central:
         raise UserError("--no-clients without --central leaves no teacher to train")

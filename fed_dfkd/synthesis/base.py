@@ -214,7 +214,7 @@ class Synthesizer(abc.ABC):
         steps = self.method.generator_steps
         totals: dict[str, float] = {}
         loss_total = 0.0
-        student_was_training, generator_was_training = student.training, generator.training
+        modes = [(m, m.training) for m in (teacher, student, generator)]
         student.eval()
         teacher.eval()
         generator.train()
@@ -235,8 +235,8 @@ class Synthesizer(abc.ABC):
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + float(value.detach())
         finally:
-            student.train(student_was_training)
-            generator.train(generator_was_training)
+            for module, was_training in modes:
+                module.train(was_training)
         denominator = max(steps, 1)
         return SynthesisReport(
             loss=loss_total / denominator,

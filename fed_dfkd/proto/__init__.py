@@ -1,0 +1,1 @@
+"""Code generated from protos/ by scripts/gen_protos.sh. Do not edit."""

@@ -1,0 +1,150 @@
+"""Aggregating K teachers' logits into one target (fed_dfkd.aggregation): closed forms, bad input,
+robustness to a corrupted teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fed_dfkd.aggregation import LOGIT_RULES, aggregate_logits
+
+
+def stacked(*rows: list[float]) -> torch.Tensor:
+    """K teachers, one sample, len(row) classes: [K, 1, C]."""
+    return torch.tensor(rows, dtype=torch.float32)[:, None, :]
+
+
+def test_the_rules_are_the_ones_the_config_offers():
+    from typing import get_args, get_type_hints
+
+    from fed_dfkd.config import DistillConfig
+
+    assert set(get_args(get_type_hints(DistillConfig)["ensemble"])) == set(LOGIT_RULES)
+
+
+def test_mean():
+    logits = stacked([1.0, 2.0], [3.0, 6.0], [5.0, 1.0])
+    assert torch.equal(aggregate_logits(logits, rule="mean"), torch.tensor([[3.0, 3.0]]))
+
+
+def test_weighted_normalises_the_weights():
+    logits = stacked([1.0, 0.0], [5.0, 4.0])
+    out = aggregate_logits(logits, rule="weighted", weights=[1.0, 3.0])
+    assert torch.allclose(out, torch.tensor([[4.0, 3.0]]))
+    # Scaling every weight changes nothing; a tensor works like a list.
+    assert torch.allclose(aggregate_logits(logits, rule="weighted", weights=torch.tensor([10.0, 30.0])), out)
+
+
+def test_weighted_with_equal_weights_is_the_mean():
+    logits = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0))
+    out = aggregate_logits(logits, rule="weighted", weights=[2, 2, 2, 2])
+    assert torch.allclose(out, logits.mean(dim=0), atol=1e-6)
+
+
+def test_weighted_with_a_zero_weight_ignores_that_teacher():
+    logits = stacked([1.0, 2.0], [100.0, -100.0])
+    assert torch.allclose(aggregate_logits(logits, rule="weighted", weights=[1.0, 0.0]), torch.tensor([[1.0, 2.0]]))
+
+
+def test_median_of_an_odd_count_is_the_middle_value():
+    logits = stacked([1.0, 9.0], [7.0, 2.0], [3.0, 4.0])
+    assert torch.equal(aggregate_logits(logits, rule="median"), torch.tensor([[3.0, 4.0]]))
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_two_middle_values():
+    # torch.median alone would return the lower middle value (2 and 3 here).
+    logits = stacked([1.0, 10.0], [4.0, 3.0], [2.0, 5.0], [8.0, 0.0])
+    assert torch.equal(aggregate_logits(logits, rule="median"), torch.tensor([[3.0, 4.0]]))
+    assert torch.equal(aggregate_logits(stacked([1.0], [2.0]), rule="median"), torch.tensor([[1.5]]))
+
+
+def test_median_and_trimmed_mean_of_one_teacher_are_that_teacher():
+    logits = stacked([1.0, -2.0, 3.5])
+    for rule in ("mean", "median", "trimmed_mean"):
+        assert torch.equal(aggregate_logits(logits, rule=rule), logits[0])
+
+
+def test_trimmed_mean_drops_the_extremes_per_entry():
+    logits = stacked([0.0, 50.0], [1.0, 2.0], [2.0, 3.0], [3.0, 4.0], [100.0, -60.0])
+    # trim 0.2 of 5 = 1 from each end, entry by entry: mean(1, 2, 3) and mean(2, 3, 4).
+    assert torch.allclose(aggregate_logits(logits, rule="trimmed_mean", trim_fraction=0.2), torch.tensor([[2.0, 3.0]]))
+
+
+def test_trimmed_mean_with_zero_trim_is_the_mean():
+    logits = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(aggregate_logits(logits, rule="trimmed_mean", trim_fraction=0.0), logits.mean(0), atol=1e-6)
+
+
+def test_trim_count_rounds_down():
+    logits = stacked([0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [8.0], [100.0])
+    # 0.25 of 10 = 2.5 -> 2 from each end: mean(2..7) = 4.5.
+    assert torch.allclose(aggregate_logits(logits, rule="trimmed_mean", trim_fraction=0.25), torch.tensor([[4.5]]))
+
+
+def test_the_output_shape_is_samples_by_classes():
+    logits = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(2))
+    for rule in LOGIT_RULES:
+        out = aggregate_logits(logits, rule=rule, weights=[1, 2, 3])
+        assert out.shape == (7, 10) and out.dtype == logits.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        (None, "needs weights"),
+        ([1.0, 2.0], "need 3 weights"),
+        ([1.0, 2.0, 3.0, 4.0], "need 3 weights"),
+        ([1.0, -1.0, 1.0], "non-negative"),
+        ([0.0, 0.0, 0.0], "not all zero"),
+        ([1.0, float("nan"), 1.0], "finite"),
+        ([1.0, float("inf"), 1.0], "finite"),
+    ],
+)
+def test_bad_weights_raise(weights, message):
+    with pytest.raises(ValueError, match=message):
+        aggregate_logits(torch.zeros(3, 2, 4), rule="weighted", weights=weights)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 2, 4, 1), (5,)])
+def test_logits_must_be_teachers_by_samples_by_classes(shape):
+    with pytest.raises(ValueError, match="teachers, samples, classes"):
+        aggregate_logits(torch.zeros(shape), rule="mean")
+
+
+def test_an_unknown_rule_lists_the_valid_ones():
+    with pytest.raises(ValueError) as raised:
+        aggregate_logits(torch.zeros(2, 1, 3), rule="max")
+    for rule in LOGIT_RULES:
+        assert rule in str(raised.value)
+
+
+@pytest.mark.parametrize("trim_fraction", [-0.1, 0.5, 0.9])
+def test_a_bad_trim_fraction_raises(trim_fraction):
+    with pytest.raises(ValueError, match="trim_fraction"):
+        aggregate_logits(torch.zeros(4, 1, 3), rule="trimmed_mean", trim_fraction=trim_fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_robust_rules_ignore_one_corrupted_teacher(rule, sign):
+    rng = torch.Generator().manual_seed(3)
+    honest = torch.randn(4, 16, 10, generator=rng)
+    corrupted = torch.cat([honest, torch.full((1, 16, 10), sign * 1e6)])
+    robust = aggregate_logits(corrupted, rule=rule)
+    # Every entry stays within the honest teachers' range, and so do the predicted classes'
+    # logits: the huge teacher moves nothing far.
+    low, high = honest.min(dim=0).values, honest.max(dim=0).values
+    assert bool(((robust >= low - 1e-6) & (robust <= high + 1e-6)).all())
+    assert robust.abs().max() < 10
+    # The plain mean is dragged away: the contrast that makes the test meaningful.
+    assert aggregate_logits(corrupted, rule="mean").abs().min() > 1e5
