@@ -191,6 +191,13 @@ class FederationConfig:
     sample_rate: float = 1.0
     min_replies: int = 1
     mode: Literal["generator_and_logits", "logits_only"] = "generator_and_logits"
+    # How client generator updates are combined (weights: the clients' train sizes).
+    update_aggregation: Literal["weighted_mean", "mean", "median", "trimmed_mean"] = "weighted_mean"
+    update_dtype: Literal["float32", "float16"] = "float32"
+    logit_dtype: Literal["float32", "float16"] = "float16"
+    # A reply whose generator update has a larger L2 norm is dropped (null: no bound).
+    max_update_norm: float | None = None
+    round_timeout: float = 600.0
 
 
 @dataclass(frozen=True)

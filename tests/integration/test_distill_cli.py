@@ -165,7 +165,7 @@ def test_distill_writes_the_run_folder(tmp_path, capsys):
     assert report["student_accuracy"] == report["history"][-1]["student_accuracy"]
 
     checkpoint = load_checkpoint(out)
-    assert checkpoint["round"] == ROUNDS and checkpoint["engine"]["round"] == ROUNDS
+    assert checkpoint["round"] == ROUNDS and checkpoint["engine"]["coordinator"]["round"] == ROUNDS
     for name in ("accuracy.png", "samples.png"):
         assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC, name
 
@@ -233,7 +233,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
     resumed, uninterrupted = load_checkpoint(out), load_checkpoint(completed_run)
     # Student, generator, their optimizers, the self-paced and synthesizer state: bit-exact.
     for name in ("student", "generator"):
-        assert_same_state(resumed["engine"][name], uninterrupted["engine"][name], name)
+        assert_same_state(resumed["engine"]["coordinator"][name],
+                          uninterrupted["engine"]["coordinator"][name], name)
     assert_same_state(resumed["engine"], uninterrupted["engine"])
 
     metrics_resumed, metrics_uninterrupted = read_metrics(out), read_metrics(completed_run)

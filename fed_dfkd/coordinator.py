@@ -1,0 +1,147 @@
+"""The server-side state of a distillation run: G, S and the student's training.
+
+Shared by the centralised reference (``fed_dfkd.centralized``) and the federated ServerApp, so
+both run the same round (DESIGN.md §3): draw the round's pseudo-batches from G, have the
+teachers label them, move G (by local steps or by aggregated client updates), then train S on
+the labelled batches. Every random stream is derived from the config seed and the round index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fed_dfkd.config import ExperimentConfig
+from fed_dfkd.data import DatasetInfo
+from fed_dfkd.distill import ReplayBuffer, StudentTrainer
+from fed_dfkd.models import Generator, build_classifier, build_generator
+from fed_dfkd.models.normalized import NormalizedClassifier
+from fed_dfkd.samples import as_float_images, draw_pseudo_batches
+from fed_dfkd.seeding import derive_seed, make_rng
+from fed_dfkd.synthesis import Progress
+
+
+def build_student(cfg: ExperimentConfig, info: DatasetInfo) -> NormalizedClassifier:
+    torch.manual_seed(derive_seed(cfg.runtime.seed, "student-init"))
+    net = build_classifier(
+        cfg.models.student, num_classes=info.num_classes, in_channels=info.in_channels,
+        image_size=info.image_size,
+    )
+    return NormalizedClassifier(net, info.mean, info.std)
+
+
+def build_pseudo_generator(cfg: ExperimentConfig, info: DatasetInfo) -> Generator:
+    g = cfg.models.generator
+    torch.manual_seed(derive_seed(cfg.runtime.seed, "generator-init"))
+    return build_generator(
+        g.arch, latent_dim=g.latent_dim, width=g.width, depth=g.depth,
+        image_size=info.image_size, channels=info.in_channels, init=g.init,
+    )
+
+
+def float_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The floating-point entries of a state dict (what a generator update carries)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+class Coordinator:
+    """G, S, the student's trainer and replay buffer, and the round clock."""
+
+    def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.info, self.device = cfg, info, torch.device(device)
+        self.student = build_student(cfg, info).to(self.device)
+        self.generator = build_pseudo_generator(cfg, info).to(self.device)
+        self.trainer = StudentTrainer(self.student, cfg.distill, cfg.curriculum, cfg.method)
+        self.replay = ReplayBuffer(cfg.distill.replay_rounds)
+        self.round = 0
+        self.total_rounds = cfg.federation.rounds
+
+    @property
+    def finished(self) -> bool:
+        return self.round >= self.total_rounds
+
+    @property
+    def progress(self) -> Progress:
+        return Progress.of_round(self.round, self.total_rounds)
+
+    def draw_samples(self) -> Tensor:
+        """This round's pseudo-batches ``[b, B, C, H, W]`` (uint8 when quantised)."""
+        d = self.cfg.distill
+        return draw_pseudo_batches(
+            self.generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
+            rng=make_rng(self.cfg.runtime.seed, "pseudo-batches", self.round, device=self.device),
+            quantize=d.quantize_samples,
+        )
+
+    @torch.no_grad()
+    def apply_generator_update(self, delta: Mapping[str, Tensor]) -> None:
+        """G ← G + ΔG on the floating-point entries (weights and BN running statistics)."""
+        state = self.generator.state_dict()
+        for name, value in delta.items():
+            state[name].add_(value.to(state[name].device, state[name].dtype))
+
+    def train_student(self, samples: Tensor, targets: Tensor) -> dict[str, float]:
+        """Student steps on this round's labelled batches (and the replayed ones)."""
+        steps, batch = samples.shape[:2]
+        self.replay.add(samples, targets.view(steps, batch, -1))
+        images, labels = self.replay.schedule(
+            self.cfg.distill.student_steps, rng=make_rng(self.cfg.runtime.seed, "replay", self.round)
+        )
+        return self.trainer.train_round(as_float_images(images).to(self.device), labels.to(self.device),
+                                        self.progress)
+
+    def end_round(self) -> None:
+        self.round += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "replay": self.replay.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.student.load_state_dict(state["student"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.replay.load_state_dict(state["replay"])
+        self.round = int(state["round"])
+
+
+def round_metrics(
+    round_index: int,
+    progress: Progress,
+    *,
+    synthesis: Mapping[str, float] | None,
+    student: Mapping[str, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """One metrics.jsonl record (before evaluation): every loss term by name."""
+    metrics: dict[str, Any] = {"round": round_index + 1, "progress": progress.fraction}
+    metrics.update(synthesis or {})
+    metrics.update({
+        "student_loss": student["loss"], "kd_loss": student["kd_loss"],
+        "relation_loss": student["relation_loss"], "mean_weight": student["mean_weight"],
+        "admitted_fraction": student["admitted_fraction"], "pace": student["pace"],
+        "lr": student["lr"], "seconds": seconds,
+    })
+    return metrics
+
+
+def synthesis_metrics(report: Any) -> dict[str, float]:
+    """Flatten a SynthesisReport into ``generator_*`` / ``weight_*`` metrics."""
+    out = {"generator_loss": report.loss}
+    out.update({f"generator_{k}": v for k, v in report.terms.items()})
+    out.update({f"weight_{k}": v for k, v in report.weights.items()})
+    out.update(dict(report.extra))
+    return out
+
+
+def mean_metrics(reports: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in reports for k in r})
+    return {k: sum(r[k] for r in reports if k in r) / sum(1 for r in reports if k in r) for k in keys}
+

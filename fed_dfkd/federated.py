@@ -1,0 +1,108 @@
+"""The server side of a federated round, without Flower (DESIGN.md §3).
+
+:class:`FederatedServer` turns the :class:`~fed_dfkd.coordinator.Coordinator`'s state into one
+:class:`~fed_dfkd.protocol.RoundInstruction` per round and completes the round from the valid
+client updates: ΔG aggregated into G, logits aggregated into targets, student steps. The
+ServerApp (``server/``) moves the instruction and the replies over Flower; the in-process and
+Ray engines and real deployment all run this same code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fed_dfkd.aggregation import aggregate_logits
+from fed_dfkd.config import ExperimentConfig
+from fed_dfkd.coordinator import Coordinator, float_state, mean_metrics, round_metrics
+from fed_dfkd.curriculum import schedules
+from fed_dfkd.data import DatasetInfo
+from fed_dfkd.protocol import ClientUpdate, RoundInstruction
+from fed_dfkd.runtime import resume_key
+
+
+def aggregate_updates(
+    deltas: Sequence[Mapping[str, Tensor]], *, rule: str, weights: Sequence[float]
+) -> dict[str, Tensor]:
+    """Combine client generator updates entry by entry (``rule`` as in federation.update_aggregation)."""
+    logits_rule = {"weighted_mean": "weighted", "mean": "mean", "median": "median",
+                   "trimmed_mean": "trimmed_mean"}[rule]
+    out = {}
+    for name in deltas[0]:
+        stacked = torch.stack([d[name].float() for d in deltas])
+        flat = stacked.reshape(len(deltas), 1, -1)
+        out[name] = aggregate_logits(flat, rule=logits_rule, weights=weights).reshape(stacked.shape[1:])
+    return out
+
+
+class FederatedServer:
+    def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.info = cfg, info
+        self.coordinator = Coordinator(cfg, info, device=device)
+        self.config_key = resume_key(cfg)
+
+    @property
+    def finished(self) -> bool:
+        return self.coordinator.finished
+
+    @property
+    def round(self) -> int:
+        return self.coordinator.round
+
+    def plan_round(self) -> tuple[RoundInstruction, Tensor]:
+        """The round's instruction and its pseudo-batches ``[b, B, C, H, W]``."""
+        c, cfg = self.coordinator, self.cfg
+        samples = c.draw_samples()
+        progress = c.progress
+        cu, fe = cfg.curriculum, cfg.federation
+        mode = fe.mode
+        instruction = RoundInstruction(
+            round=c.round, total_rounds=c.total_rounds, progress=progress.fraction, mode=mode,
+            method=cfg.method.name, config_hash=self.config_key,
+            generator_steps=cfg.method.generator_steps, batch_size=cfg.distill.batch_size,
+            seed=cfg.runtime.seed,
+            adversarial_weight=schedules.adversarial_weight(
+                progress.fraction, initial=float(cfg.method.adversarial_weight),
+                growth=cu.adversarial_growth, begin=cu.adversarial_begin, end=cu.adversarial_end),
+            negative_window_start=schedules.negative_window_start(
+                progress.fraction, width=cu.negative_window, begin=cu.negative_begin, end=cu.negative_end),
+            update_dtype=fe.update_dtype, logit_dtype=fe.logit_dtype,
+            generator_state=dict(c.generator.state_dict()) if mode == "generator_and_logits" else {},
+            student_state=dict(c.student.state_dict()) if mode == "generator_and_logits" else {},
+            samples=samples.flatten(0, 1),
+        )
+        return instruction, samples
+
+    def generator_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in float_state(self.coordinator.generator).items()}
+
+    def complete_round(
+        self, samples: Tensor, updates: Sequence[ClientUpdate], *, started: float | None = None
+    ) -> dict[str, Any]:
+        """Aggregate the valid ``updates`` and train the student; returns the round's metrics."""
+        if not updates:
+            raise ValueError("a round needs at least one update")
+        c, cfg = self.coordinator, self.cfg
+        r, progress = c.round, c.progress
+        weights = [float(max(u.report.train_size, 1)) for u in updates]
+        if cfg.federation.mode == "generator_and_logits":
+            deltas = [u.generator_delta for u in updates if u.generator_delta is not None]
+            if len(deltas) == len(updates):
+                c.apply_generator_update(
+                    aggregate_updates(deltas, rule=cfg.federation.update_aggregation, weights=weights))
+        logits = torch.stack([u.logits.float() for u in updates])
+        targets = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=weights)
+        student = c.train_student(samples, targets)
+        c.end_round()
+        synthesis = mean_metrics([u.report.metrics for u in updates])
+        return round_metrics(r, progress, synthesis=synthesis, student=student,
+                             seconds=time.perf_counter() - started if started else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coordinator": self.coordinator.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.coordinator.load_state_dict(state["coordinator"])
