@@ -87,6 +87,8 @@ class GeneratorConfig:
     width: int = 16
     depth: int = 2
     init: Literal["dcgan", "default"] = "dcgan"
+    # Class-conditional G: the one-hot term targets a sampled class instead of the argmax.
+    conditional: bool = False
 
 
 @dataclass(frozen=True)

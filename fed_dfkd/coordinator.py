@@ -38,6 +38,7 @@ def build_pseudo_generator(cfg: ExperimentConfig, info: DatasetInfo) -> Generato
     return build_generator(
         g.arch, latent_dim=g.latent_dim, width=g.width, depth=g.depth,
         image_size=info.image_size, channels=info.in_channels, init=g.init,
+        num_classes=info.num_classes if g.conditional else 0,
     )
 
 

@@ -38,6 +38,10 @@ def aggregate_updates(
     return out
 
 
+def _copy_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 class FederatedServer:
     def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
         self.cfg, self.info = cfg, info
@@ -70,8 +74,9 @@ class FederatedServer:
             negative_window_start=schedules.negative_window_start(
                 progress.fraction, width=cu.negative_window, begin=cu.negative_begin, end=cu.negative_end),
             update_dtype=fe.update_dtype, logit_dtype=fe.logit_dtype,
-            generator_state=dict(c.generator.state_dict()) if mode == "generator_and_logits" else {},
-            student_state=dict(c.student.state_dict()) if mode == "generator_and_logits" else {},
+            # Copies: complete_round changes the live weights in place.
+            generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
+            student_state=_copy_state(c.student) if mode == "generator_and_logits" else {},
             samples=samples.flatten(0, 1),
         )
         return instruction, samples

@@ -41,7 +41,8 @@ def draw_pseudo_batches(
     try:
         batches = []
         for _ in range(num_batches):
-            images = generator(generator.sample_latent(batch_size, rng=rng, device=device))
+            latent = generator.sample_latent(batch_size, rng=rng, device=device)
+            images = generator(latent, generator.sample_labels(batch_size, rng=rng, device=device))
             batches.append(quantize_images(images) if quantize else images.float())
     finally:
         generator.train(was_training)

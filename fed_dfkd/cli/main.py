@@ -15,7 +15,7 @@ from typing import Sequence
 from fed_dfkd.errors import UserError
 
 # Module names under fed_dfkd.cli, in the order ``--help`` lists them.
-SUBCOMMANDS = ("validate_config", "pretrain", "distill")
+SUBCOMMANDS = ("validate_config", "pretrain", "distill", "simulate")
 
 
 class _Parser(argparse.ArgumentParser):

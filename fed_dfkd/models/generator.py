@@ -43,8 +43,11 @@ class Generator(nn.Module):
         image_size: int,
         channels: int,
         init: str = "dcgan",
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"generator num_classes must be an integer >= 0, got {num_classes!r}")
         for name, value in (
             ("latent_dim", latent_dim),
             ("width", width),
@@ -67,10 +70,12 @@ class Generator(nn.Module):
         self.depth = depth
         self.image_size = image_size
         self.channels = channels
+        # > 0: class-conditional G (a one-hot label joins z), see ``forward``.
+        self.num_classes = num_classes
         self.initial_size = image_size // upsampling
         self.initial_channels = width * upsampling
 
-        self.project = nn.Linear(latent_dim, self.initial_channels * self.initial_size**2)
+        self.project = nn.Linear(latent_dim + num_classes, self.initial_channels * self.initial_size**2)
         layers: list[nn.Module] = [
             nn.BatchNorm2d(self.initial_channels),
             nn.Upsample(scale_factor=2, mode="nearest"),
@@ -106,8 +111,23 @@ class Generator(nn.Module):
                 nn.init.normal_(module.weight, mean=1.0, std=DCGAN_INIT_STD)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """Map latents z [B, latent_dim] to images x̃ [B, channels, image_size, image_size] in [0, 1]."""
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Map latents z [B, latent_dim] to images x̃ [B, channels, image_size, image_size] in [0, 1].
+
+        A conditional generator also takes the target classes ``labels`` [B] (a deliberate
+        extension of the reference's unconditional G: the one-hot term can then ask for a
+        sampled class, as DeepInversion does with an image tensor, instead of the argmax).
+        """
+        if self.conditional:
+            if labels is None:
+                raise ValueError("a conditional generator needs labels")
+            z = torch.cat([z, nn.functional.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
+        elif labels is not None:
+            raise ValueError("an unconditional generator takes no labels")
         out = self.project(z).view(-1, self.initial_channels, self.initial_size, self.initial_size)
         return self.body(out)
 
@@ -122,8 +142,17 @@ class Generator(nn.Module):
         latents = torch.randn(batch_size, self.latent_dim, generator=rng, device=rng.device)
         return latents if device is None else latents.to(device)
 
+    def sample_labels(
+        self, batch_size: int, *, rng: torch.Generator, device: torch.device | str | None = None
+    ) -> Tensor | None:
+        """Target classes for a batch (uniform, from ``rng``), or None when unconditional."""
+        if not self.conditional:
+            return None
+        labels = torch.randint(self.num_classes, (batch_size,), generator=rng, device=rng.device)
+        return labels if device is None else labels.to(device)
+
     def extra_repr(self) -> str:
         return (
             f"latent_dim={self.latent_dim}, width={self.width}, depth={self.depth}, "
-            f"image_size={self.image_size}, channels={self.channels}"
+            f"image_size={self.image_size}, channels={self.channels}, num_classes={self.num_classes}"
         )

@@ -40,6 +40,7 @@ def build_generator(
     image_size: int,
     channels: int,
     init: str = "dcgan",
+    num_classes: int = 0,
 ) -> Generator:
     """Build the generator registered as ``name`` (see algorithms.md §1.4 for ``dcgan``)."""
     constructor = GENERATORS.get(name)
@@ -50,4 +51,5 @@ def build_generator(
         image_size=image_size,
         channels=channels,
         init=init,
+        num_classes=num_classes,
     )

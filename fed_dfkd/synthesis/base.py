@@ -137,12 +137,14 @@ class Synthesizer(abc.ABC):
         images: Tensor,
         progress: Progress,
         weights: Mapping[str, float],
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Weighted generator loss on ``images`` (in [0, 1], carrying G's graph).
 
         Returns ``(loss, terms, cache)`` where ``terms`` holds the unweighted value of every
         computed term and ``cache`` the tensors extra terms need (``teacher_features``,
-        ``student_features``, ...).
+        ``student_features``, ...). With ``labels`` (a conditional G's target classes) the
+        one-hot term is CE(t, labels) instead of CE(t, argmax t).
         """
         # The BN hooks cost a mean and a variance per layer: only register them when used.
         recorder = BatchNormStatistics(teacher) if weights["bn_statistics"] else contextlib.nullcontext()
@@ -153,7 +155,10 @@ class Synthesizer(abc.ABC):
         if bn_loss is not None:
             terms["bn_statistics"] = bn_loss
         if weights["one_hot"]:
-            terms["one_hot"] = one_hot_loss(teacher_logits)
+            terms["one_hot"] = (
+                one_hot_loss(teacher_logits) if labels is None
+                else torch.nn.functional.cross_entropy(teacher_logits, labels)
+            )
         if weights["class_balance"]:
             terms["class_balance"] = class_balance_loss(
                 teacher_logits, temperature=float(self.method.class_balance_temperature)
@@ -223,9 +228,11 @@ class Synthesizer(abc.ABC):
         try:
             for _ in range(steps):
                 latent = generator.sample_latent(self.batch_size, rng=rng, device=device)
-                images = generator(latent)
+                labels = generator.sample_labels(self.batch_size, rng=rng, device=device)
+                images = generator(latent, labels)
                 loss, terms, cache = self.objective(
-                    teacher=teacher, student=student, images=images, progress=progress, weights=weights
+                    teacher=teacher, student=student, images=images, progress=progress,
+                    weights=weights, labels=labels,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward(inputs=parameters)

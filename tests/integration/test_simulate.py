@@ -1,0 +1,376 @@
+"""``fed-dfkd simulate`` end to end on the quickstart config, shrunk to seconds.
+
+- in-process: every output of ``fed-dfkd distill`` plus the federation's report keys (issue 3
+  item 6), one metrics line per round, the run folder rules;
+- malformed replies (NaN logits, wrong logits shape, another protocol version, an oversize ΔG)
+  from one of three nodes are rejected with their reason logged, and the run goes on;
+- too few valid replies: the round is retried, then the server stops cleanly with a clear report;
+- resume: a server stopped after round 2 and resumed ends in the state of an uninterrupted run;
+- the Ray engine (slow): same result as the in-process engine within float tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+import server.loop as loop
+from fed_dfkd.cli.main import main
+from fed_dfkd.protocol import ClientUpdate
+from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+ROUNDS = 3
+FAST = [
+    f"federation.rounds={ROUNDS}",
+    "distill.student_steps=2",
+    "method.generator_steps=1",
+    "models.pretrain.epochs=2",
+    "distill.batch_size=32",
+    "method.negative_bank_size=64",
+    "runtime.progress=none",
+    "federation.num_clients=3",
+]
+TIMING_KEYS = {"seconds", "wall_seconds"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FEDERATION_REPORT_KEYS = ("mode", "engine", "sample_rate", "bytes_up", "bytes_down",
+                          "bytes_per_round", "rejected_replies", "refusals")
+HISTORY_KEYS = ("round", "student_accuracy", "replies", "bytes", "seconds")
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def simulate(out: Path, *extra: str, teachers: Path | None = None, overrides: list[str] = FAST) -> int:
+    argv = ["simulate", "--config", str(QUICKSTART), "--out", str(out), *set_args(overrides)]
+    if teachers is not None:
+        argv += ["--teachers", str(teachers)]
+    return main([*argv, *extra])
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_report(out: Path) -> dict[str, Any]:
+    return json.loads((out / "report.json").read_text())
+
+
+def load_checkpoint(out: Path) -> dict[str, Any]:
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
+    """Bit-exact equality of nested checkpoint values (tensors, dicts, lists, Flower records)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    elif isinstance(a, RecordDict):
+        assert isinstance(b, RecordDict) and repr(a) == repr(b), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def client_states(out: Path) -> dict[int, Any]:
+    """The clients' Context.state the last checkpoint names, by partition id."""
+    files = load_checkpoint(out)["client_state_files"]
+    return {k: torch.load(out / "checkpoints" / "clients" / name, map_location="cpu", weights_only=False)
+            for k, name in files.items()}
+
+
+def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> Path:
+    """The three owners' teachers, pretrained once for the module."""
+    out = tmp_path_factory.mktemp("pretrain")
+    assert main(["pretrain", "--config", str(QUICKSTART), "--out", str(out), *set_args(FAST)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory, teachers) -> Path:
+    """Three rounds, uninterrupted, in-process. Read only."""
+    out = tmp_path_factory.mktemp("run") / "a"
+    assert simulate(out, teachers=teachers) == 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder and the report
+# --------------------------------------------------------------------------------------------
+
+
+def test_simulate_inprocess_writes_every_output_and_report_key(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert simulate(out) == 0  # no --teachers: pretrains the owners' teachers under OUT/teachers
+    assert "student accuracy" in capsys.readouterr().out
+    assert all((out / "teachers" / f"client_{k}.pt").is_file() for k in range(3))
+    assert not (out / "teachers" / "central.pt").exists()
+    for name in ("config.resolved.yaml", "metrics.jsonl", "report.json", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    for name in ("accuracy.png", "samples.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC, name
+
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(m["replies"] == 3 and m["sampled"] == 3 and m["rejected"] == 0 for m in metrics)
+    assert all(m["bytes"] == m["bytes_up"] + m["bytes_down"] > 0 for m in metrics)
+
+    report = read_report(out)
+    missing = [k for k in FEDERATION_REPORT_KEYS if k not in report]
+    assert not missing, f"report.json lacks {missing}"
+    assert report["mode"] == "generator_and_logits" and report["engine"] == "inprocess"
+    assert report["sample_rate"] == 1.0 and report["status"] == "completed"
+    assert report["rejected_replies"] == 0 and report["refusals"] == 0
+    assert report["rounds_completed"] == ROUNDS
+    assert report["bytes_up"] == sum(m["bytes_up"] for m in metrics)
+    assert report["bytes_down"] == sum(m["bytes_down"] for m in metrics)
+    assert report["bytes_per_round"] == pytest.approx((report["bytes_up"] + report["bytes_down"]) / ROUNDS)
+    # Down: one instruction (G, S, the uint8 samples, the spec), the same to each of 3 clients.
+    assert all(m["bytes_down"] % 3 == 0 for m in metrics)
+    # The teachers' accuracies come from their manifests; the ensemble from loading them.
+    manifests = [json.loads((out / "teachers" / f"client_{k}.json").read_text()) for k in range(3)]
+    assert report["teacher_accuracies"] == [m["test_accuracy"] for m in manifests]
+    assert 0 <= report["ensemble_accuracy"] <= 1
+    assert [h["round"] for h in report["history"]] == [1, 2, 3]
+    for entry in report["history"]:
+        assert all(key in entry for key in HISTORY_KEYS), entry
+        assert entry["replies"] == 3 and entry["bytes"] > 0 and 0 <= entry["student_accuracy"] <= 1
+    assert report["student_accuracy"] == report["history"][-1]["student_accuracy"]
+
+    checkpoint = load_checkpoint(out)
+    assert checkpoint["round"] == ROUNDS and checkpoint["server"]["coordinator"]["round"] == ROUNDS
+    # Each client's Context.state, one file per node and version; only the files the last two
+    # checkpoints name are kept.
+    files = checkpoint["client_state_files"]
+    assert set(files) == {0, 1, 2} and all(name.endswith(f".round_{ROUNDS}.pt") for name in files.values())
+    previous = torch.load(out / "checkpoints" / "previous.pt", map_location="cpu", weights_only=False)
+    kept = {p.name for p in (out / "checkpoints" / "clients").iterdir()}
+    assert kept == set(files.values()) | set(previous["client_state_files"].values())
+
+
+def test_a_second_run_into_the_same_folder_is_refused(completed_run, tmp_path, teachers, capsys):
+    before = (completed_run / "metrics.jsonl").read_bytes()
+    assert simulate(completed_run, teachers=teachers) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert (completed_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, teachers, capsys):
+    assert simulate(tmp_path / "empty", "--resume", teachers=teachers) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_run(
+    completed_run, tmp_path, teachers, monkeypatch, capsys
+):
+    out = tmp_path / "b"
+    original = loop.ServerLoop.run_round
+
+    def stopped_at_round_three(self):
+        if self.server.round == 2:
+            raise KeyboardInterrupt  # Ctrl-C as round 3 starts
+        return original(self)
+
+    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
+    assert simulate(out, teachers=teachers) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert load_checkpoint(out)["round"] == 2
+
+    calls = {"count": 0}
+
+    def counted(self):
+        calls["count"] += 1
+        return original(self)
+
+    monkeypatch.setattr(loop.ServerLoop, "run_round", counted)
+    assert simulate(out, "--resume", teachers=teachers) == 0
+    assert calls["count"] == 1, "resume must run only the missing round"
+
+    resumed, uninterrupted = load_checkpoint(out), load_checkpoint(completed_run)
+    # G, S, the student's optimizer and curriculum, and every client's local state: bit-exact.
+    assert_same_state(resumed["server"], uninterrupted["server"], "server")
+    assert_same_state(client_states(out), client_states(completed_run), "client states")
+    assert_same_state(resumed["totals"], uninterrupted["totals"], "totals")
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(completed_run))
+    report = read_report(out)
+    assert report["rounds_completed"] == ROUNDS and report["status"] == "completed"
+    assert report["bytes_up"] == read_report(completed_run)["bytes_up"]
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed replies and too few clients
+# --------------------------------------------------------------------------------------------
+
+
+def _recode(content: RecordDict, change: Callable[[ClientUpdate], ClientUpdate]) -> RecordDict:
+    update = update_from_recorddict(content)
+    assert isinstance(update, ClientUpdate)
+    return update_to_recorddict(change(update), update_dtype="float32", logit_dtype="float16")
+
+
+def nan_logits(update: ClientUpdate) -> ClientUpdate:
+    logits = update.logits.clone()
+    logits[0, 0] = float("nan")
+    return dataclasses.replace(update, logits=logits)
+
+
+def wrong_logits_shape(update: ClientUpdate) -> ClientUpdate:
+    return dataclasses.replace(update, logits=update.logits[:, :-1].clone())
+
+
+def other_protocol_version(update: ClientUpdate) -> ClientUpdate:
+    return dataclasses.replace(update, report=dataclasses.replace(update.report, protocol_version=2))
+
+
+def oversize_update(update: ClientUpdate) -> ClientUpdate:
+    delta = {name: tensor * 1e6 for name, tensor in update.generator_delta.items()}
+    return dataclasses.replace(update, generator_delta=delta)
+
+
+# One corruption per round, each with the words its logged reason must contain.
+CORRUPTIONS = [
+    (nan_logits, "non-finite"),
+    (wrong_logits_shape, "logits shape"),
+    (other_protocol_version, "protocol_version 2"),
+    (oversize_update, "L2 norm"),
+]
+
+
+def corrupting(client_app: Callable[[Message, Context], Message], *, partition: int):
+    """The real ClientApp, whose replies from ``partition`` are corrupted (round r: CORRUPTIONS[r])."""
+
+    def call(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] != partition:
+            return reply
+        change = CORRUPTIONS[int(message.metadata.group_id)][0]
+        return Message(content=_recode(reply.content, change), reply_to=message)
+
+    return call
+
+
+def run_inprocess(out: Path, teachers: Path, overrides: list[str], *, client_app=None) -> dict[str, Any]:
+    from client.app import app as real_client_app
+    from fed_dfkd.engine.inprocess import run_inprocess as run
+
+    settings = loop.ServerSettings(config=QUICKSTART, out=out, overrides=tuple(overrides),
+                                   teachers=teachers, engine="inprocess")
+    run(settings.to_run_config(), num_nodes=3, client_app=client_app or real_client_app)
+    return read_report(out)
+
+
+def test_malformed_replies_are_rejected_with_their_reason_and_the_run_goes_on(tmp_path, teachers, caplog):
+    from client.app import app as client_app
+
+    rounds = len(CORRUPTIONS)
+    overrides = [*FAST, f"federation.rounds={rounds}", "federation.max_update_norm=1000"]
+    with caplog.at_level(logging.WARNING, logger="server.loop"):
+        report = run_inprocess(tmp_path / "run", teachers, overrides,
+                               client_app=corrupting(client_app, partition=1))
+    assert report["status"] == "completed" and report["rounds_completed"] == rounds
+    assert report["rejected_replies"] == rounds and report["refusals"] == 0
+    assert [h["replies"] for h in report["history"]] == [2] * rounds
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["rejected"] for m in metrics] == [1] * rounds
+    rejections = [r.getMessage() for r in caplog.records if "rejected the reply" in r.getMessage()]
+    assert len(rejections) == rounds
+    for r, (_, words) in enumerate(CORRUPTIONS):
+        assert f"round {r + 1}:" in rejections[r] and words in rejections[r], rejections[r]
+
+
+def test_too_few_valid_replies_retry_the_round_then_stop_cleanly(tmp_path, teachers, caplog, monkeypatch):
+    from client.app import app as client_app
+
+    def refuse_partitions_1_and_2(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 0 or int(message.metadata.group_id) == 0:
+            return reply
+        return Message(content=_recode(reply.content, nan_logits), reply_to=message)
+
+    monkeypatch.setattr(loop, "POLL_INTERVAL", 0.01)
+    overrides = [*FAST, "federation.min_replies=2"]
+    with caplog.at_level(logging.WARNING, logger="server.loop"):
+        report = run_inprocess(tmp_path / "run", teachers, overrides, client_app=refuse_partitions_1_and_2)
+    assert report["status"] == "stopped" and report["rounds_completed"] == 1
+    assert "too few clients" in report["stop_reason"] and "round 2" in report["stop_reason"]
+    attempts = loop.ROUND_RETRIES + 1
+    assert report["failed_attempts"] == attempts
+    assert report["rejected_replies"] == 2 * attempts
+    assert "stopping the federation" in caplog.text
+    assert load_checkpoint(tmp_path / "run")["round"] == 1  # round 1 stays, resumable
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def test_client_sampling_is_seeded_by_round_and_sized_by_the_rate():
+    nodes = [1005, 1001, 1003, 1002, 1004, 1000]
+    first = loop.sample_nodes(nodes, sample_rate=0.5, seed=0, round_index=4)
+    assert len(first) == 3 and first == sorted(first) and set(first) <= set(nodes)
+    assert loop.sample_nodes(list(reversed(nodes)), sample_rate=0.5, seed=0, round_index=4) == first
+    draws = {tuple(loop.sample_nodes(nodes, sample_rate=0.5, seed=0, round_index=r)) for r in range(20)}
+    assert len(draws) > 1  # rounds differ
+    assert loop.sample_nodes(nodes, sample_rate=0.01, seed=0, round_index=0).__len__() == 1
+    assert loop.sample_nodes(nodes, sample_rate=1.0, seed=3, round_index=7) == sorted(nodes)
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray engine
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_ray_engine_gives_the_in_process_result(tmp_path):
+    pytest.importorskip("ray")
+    overrides = [*FAST, "federation.rounds=2", "federation.num_clients=2"]
+    pretrain = tmp_path / "pretrain"
+    assert main(["pretrain", "--config", str(QUICKSTART), "--out", str(pretrain), *set_args(overrides)]) == 0
+    assert simulate(tmp_path / "inprocess", teachers=pretrain, overrides=overrides) == 0
+    assert simulate(tmp_path / "ray", "--engine", "ray", teachers=pretrain, overrides=overrides) == 0
+    ray_report, inprocess_report = read_report(tmp_path / "ray"), read_report(tmp_path / "inprocess")
+    assert ray_report["engine"] == "ray" and ray_report["rounds_completed"] == 2
+    assert [h["replies"] for h in ray_report["history"]] == [2, 2]
+    assert [h["student_accuracy"] for h in ray_report["history"]] == [
+        h["student_accuracy"] for h in inprocess_report["history"]]
+    assert ray_report["bytes_down"] == inprocess_report["bytes_down"]
+    ray_student = load_checkpoint(tmp_path / "ray")["server"]["coordinator"]["student"]
+    inprocess_student = load_checkpoint(tmp_path / "inprocess")["server"]["coordinator"]["student"]
+    for name, tensor in inprocess_student.items():
+        torch.testing.assert_close(ray_student[name], tensor, atol=1e-5, rtol=0, msg=name)
+    assert (tmp_path / "ray" / ".flwr").is_dir()  # Flower's state under the run folder
