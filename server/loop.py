@@ -97,6 +97,9 @@ RUN_CONFIG_KEYS = ("config", "overrides", "out", "teachers", "resume", "engine")
 OVERRIDE_SEPARATOR = ";"
 #: Pseudo-samples kept for ``plots/samples.png``.
 PLOT_SAMPLES = 64
+#: The folder that holds ``server/`` (the repository, or the FAB ``flwr run`` installs): a relative
+#: config path not found in the working directory is looked up here.
+APP_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,8 +154,11 @@ class ServerSettings:
                 raise UserError(f"run config {key!r} is missing or empty; the ServerApp needs "
                                 f"{', '.join(RUN_CONFIG_KEYS)} (config and out required)")
         teachers = str(run_config.get("teachers", "") or "").strip()
+        config = Path(str(run_config["config"]).strip()).expanduser()
+        if not config.is_absolute() and not config.is_file() and (APP_ROOT / config).is_file():
+            config = APP_ROOT / config
         return cls(
-            config=Path(str(run_config["config"])).expanduser(),
+            config=config,
             out=Path(str(run_config["out"])).expanduser(),
             overrides=split_overrides(run_config.get("overrides", "") or ""),
             teachers=Path(teachers).expanduser() if teachers else None,
@@ -642,7 +648,7 @@ class ServerLoop:
 
         self.started = time.perf_counter()
         total = cfg.federation.rounds
-        with RoundProgress(total, mode=cfg.runtime.progress, desc="simulate",
+        with RoundProgress(total, mode=cfg.runtime.progress, desc="federation",
                            initial=self.server.round) as bar:
             while not self.server.finished:
                 try:

@@ -10,12 +10,9 @@ holds a run is never overwritten.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from fed_dfkd.cli.common import add_config_arguments, prepare_out_dir
-
-logger = logging.getLogger("fed_dfkd.cli.simulate")
 
 ENGINES = ("inprocess", "ray")
 

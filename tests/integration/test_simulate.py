@@ -374,3 +374,26 @@ def test_the_ray_engine_gives_the_in_process_result(tmp_path):
     for name, tensor in inprocess_student.items():
         torch.testing.assert_close(ray_student[name], tensor, atol=1e-5, rtol=0, msg=name)
     assert (tmp_path / "ray" / ".flwr").is_dir()  # Flower's state under the run folder
+
+
+# --------------------------------------------------------------------------------------------
+# Run config
+# --------------------------------------------------------------------------------------------
+
+
+def test_server_settings_round_trip_through_the_run_config(tmp_path):
+    settings = loop.ServerSettings(config=QUICKSTART, out=tmp_path / "run",
+                                   overrides=("federation.rounds=2", "distill.lr=0.1"),
+                                   teachers=tmp_path / "pretrain", resume=True, engine="ray")
+    run_config = settings.to_run_config()
+    assert run_config["overrides"] == "federation.rounds=2;distill.lr=0.1"
+    assert loop.ServerSettings.from_run_config(run_config) == settings
+    # Flower's TOML run config: a string bool, an empty teachers folder (deployment).
+    parsed = loop.ServerSettings.from_run_config({**run_config, "resume": "false", "teachers": ""})
+    assert parsed.resume is False and parsed.teachers is None
+    with pytest.raises(loop.UserError, match="'out'"):
+        loop.ServerSettings.from_run_config({"config": str(QUICKSTART)})
+    with pytest.raises(loop.UserError, match="resume"):
+        loop.ServerSettings.from_run_config({**run_config, "resume": "maybe"})
+    with pytest.raises(loop.UserError, match="may not contain"):
+        loop.ServerSettings(config=QUICKSTART, out=tmp_path, overrides=("a.b=x;y",)).to_run_config()

@@ -372,9 +372,10 @@ def test_explicit_method_weights_win_over_the_defaults_even_zero():
 
 
 def test_switching_method_by_override_takes_the_new_methods_defaults():
+    # Weights the file sets stay; the ones it leaves null come from the new method.
     cfg = load_config(QUICKSTART, ["method.name=dfad"])
     assert cfg.method.adversarial_divergence == "l1"
-    assert cfg.method.bn_statistics_weight == 0.0
+    assert cfg.method.one_hot_weight == 0.0 and cfg.method.class_balance_weight == 0.0
 
 
 # --------------------------------------------------------------------------------------------
