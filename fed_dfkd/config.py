@@ -200,6 +200,15 @@ class FederationConfig:
     # A reply whose generator update has a larger L2 norm is dropped (null: no bound).
     max_update_norm: float | None = None
     round_timeout: float = 600.0
+    # Mode logits_only: the server trains G from zeroth-order estimates (docs/methods.md). Query
+    # samples G(z) per round (0: G is not trained), random directions per sample, and the RMS
+    # change per pixel of a perturbation in [0, 1] units (L2 radius zo_smoothing * sqrt(C*H*W));
+    # each query costs 1 + zo_directions samples on the wire. With zo_adversarial_through_teacher
+    # the adversarial term's teacher path is estimated too (else only its exact student path).
+    zo_batch_size: int = 64
+    zo_directions: int = 4
+    zo_smoothing: float = 0.02
+    zo_adversarial_through_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -470,6 +479,10 @@ def _require(condition: bool, path: str, message: str) -> None:
         raise ConfigError(path, message)
 
 
+#: Smallest federation.zo_smoothing: two uint8 levels per pixel.
+ZO_SMOOTHING_MIN = 2.0 / 255.0
+
+
 def _check(cfg: ExperimentConfig) -> None:
     from fed_dfkd.data import dataset_names
     from fed_dfkd.models import CLASSIFIERS, GENERATORS
@@ -555,6 +568,13 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(fe.min_replies <= sampled, "federation.min_replies",
              f"must be <= the clients sampled per round "
              f"(sample_rate {fe.sample_rate} x num_clients {fe.num_clients} = {sampled})")
+    _require(fe.zo_batch_size == 0 or fe.zo_batch_size >= 2, "federation.zo_batch_size",
+             "must be 0 (no generator training in logits_only) or >= 2 (G runs with batch statistics)")
+    _require(fe.zo_directions >= 1, "federation.zo_directions", "must be >= 1")
+    # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.
+    _require(ZO_SMOOTHING_MIN <= fe.zo_smoothing <= 0.5, "federation.zo_smoothing",
+             f"must be in [2/255 = {ZO_SMOOTHING_MIN:.4f}, 0.5]: the RMS change per pixel must span "
+             "at least two uint8 levels, or quantising the queries erases the perturbation")
     _require(0 < pr.delta < 1, "privacy.delta", "must be in (0, 1)")
     _require(pr.level == "none", "privacy.level",
              f"{pr.level!r} privacy is not available yet (issue 4); use 'none'")

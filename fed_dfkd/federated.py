@@ -22,6 +22,7 @@ from fed_dfkd.curriculum import schedules
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.protocol import ClientUpdate, RoundInstruction
 from fed_dfkd.runtime import resume_key
+from fed_dfkd.zeroth_order import ZerothOrderGeneratorTrainer, ZerothOrderQuery
 
 
 def aggregate_updates(
@@ -47,6 +48,18 @@ class FederatedServer:
         self.cfg, self.info = cfg, info
         self.coordinator = Coordinator(cfg, info, device=device)
         self.config_key = resume_key(cfg)
+        fe = cfg.federation
+        # Mode logits_only: the server trains G itself from extra logit queries (zeroth order).
+        self.zeroth_order: ZerothOrderGeneratorTrainer | None = None
+        if fe.mode == "logits_only" and fe.zo_batch_size > 0 and cfg.method.generator_steps > 0:
+            self.zeroth_order = ZerothOrderGeneratorTrainer(
+                self.coordinator.generator, cfg.method, cfg.curriculum,
+                batch_size=fe.zo_batch_size, num_directions=fe.zo_directions,
+                smoothing=fe.zo_smoothing, seed=cfg.runtime.seed,
+                adversarial_through_teacher=fe.zo_adversarial_through_teacher,
+                quantize=cfg.distill.quantize_samples,
+            )
+        self._query: ZerothOrderQuery | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,9 +70,19 @@ class FederatedServer:
         return self.coordinator.round
 
     def plan_round(self) -> tuple[RoundInstruction, Tensor]:
-        """The round's instruction and its pseudo-batches ``[b, B, C, H, W]``."""
+        """The round's instruction and its pseudo-batches ``[b, B, C, H, W]``.
+
+        In mode ``logits_only`` with generator training, the instruction's samples are the
+        pseudo-batches (first, row for row) followed by the round's zeroth-order queries
+        (:meth:`ZerothOrderGeneratorTrainer.plan`); :meth:`complete_round` splits the answers.
+        """
         c, cfg = self.coordinator, self.cfg
         samples = c.draw_samples()
+        wire_samples = samples.flatten(0, 1)
+        self._query = None
+        if self.zeroth_order is not None:
+            self._query = self.zeroth_order.plan(c.round)
+            wire_samples = torch.cat([wire_samples, self._query.samples.to(wire_samples.device)])
         progress = c.progress
         cu, fe = cfg.curriculum, cfg.federation
         mode = fe.mode
@@ -77,7 +100,7 @@ class FederatedServer:
             # Copies: complete_round changes the live weights in place.
             generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
             student_state=_copy_state(c.student) if mode == "generator_and_logits" else {},
-            samples=samples.flatten(0, 1),
+            samples=wire_samples,
         )
         return instruction, samples
 
@@ -99,15 +122,39 @@ class FederatedServer:
                 c.apply_generator_update(
                     aggregate_updates(deltas, rule=cfg.federation.update_aggregation, weights=weights))
         logits = torch.stack([u.logits.float() for u in updates])
-        targets = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=weights)
+        # Every rule aggregates row by row, so the query rows can be split off afterwards.
+        answers = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=weights)
+        labelled = samples.shape[0] * samples.shape[1]
+        targets = answers[:labelled]
+        synthesis = mean_metrics([u.report.metrics for u in updates])
+        if self.zeroth_order is not None:
+            query = self._query
+            if query is None or query.round != r:
+                raise RuntimeError(f"round {r + 1}: complete_round needs this round's plan_round "
+                                   "(its zeroth-order queries)")
+            if answers.shape[0] != labelled + query.num_samples:
+                raise ValueError(f"expected logits for {labelled} + {query.num_samples} samples, "
+                                 f"got {answers.shape[0]}")
+            # G moves before S, as in the other mode: the adversarial term sees the round's S.
+            synthesis.update(self.zeroth_order.step(query, answers[labelled:], student=c.student,
+                                                    progress=progress))
+            self._query = None
         student = c.train_student(samples, targets)
         c.end_round()
-        synthesis = mean_metrics([u.report.metrics for u in updates])
         return round_metrics(r, progress, synthesis=synthesis, student=student,
                              seconds=time.perf_counter() - started if started else 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"coordinator": self.coordinator.state_dict()}
+        state: dict[str, Any] = {"coordinator": self.coordinator.state_dict()}
+        if self.zeroth_order is not None:
+            state["zeroth_order"] = self.zeroth_order.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.coordinator.load_state_dict(state["coordinator"])
+        if self.zeroth_order is not None:
+            if "zeroth_order" not in state:
+                raise ValueError("the checkpoint has no zeroth-order generator state (G's server "
+                                 "optimizer), which mode logits_only needs to resume")
+            self.zeroth_order.load_state_dict(state["zeroth_order"])
+        self._query = None

@@ -15,7 +15,8 @@ from typing import Sequence
 from fed_dfkd.errors import UserError
 
 # Module names under fed_dfkd.cli, in the order ``--help`` lists them.
-SUBCOMMANDS = ("validate_config", "pretrain", "distill", "simulate")
+SUBCOMMANDS = ("validate_config", "pretrain", "distill", "simulate", "certs", "superlink",
+               "supernode", "deploy_local")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,113 @@
+"""Run `fed-dfkd distill` for several methods / seeds / overrides at an equal budget and
+tabulate the reports (markdown + CSV), with wall times.
+
+    python bench/compare.py --config configs/fmnist_lenet5.yaml --out runs/bench/fmnist \
+        --variant adadfkd:method.name=adadfkd --variant cudfkd:method.name=cudfkd \
+        --seeds adadfkd=0,1,2 --teachers runs/bench/fmnist/teachers-run
+
+Every variant shares one pretrained teacher folder (pretrained once, first), so the table
+compares distillation only. Runs go one after another (``--jobs 2`` runs two at a time with one
+thread each, which is what a 2-core machine can do without oversubscription).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+FED_DFKD = [sys.executable, "-m", "fed_dfkd.cli.main"]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, sets = text.partition(":")
+    return name, [s for s in sets.split(",") if s]
+
+
+def run_one(config: str, out: Path, teachers: Path, overrides: list[str], threads: int) -> dict:
+    if (out / "report.json").exists() and json.loads((out / "report.json").read_text()).get(
+        "rounds_completed") == json.loads((out / "report.json").read_text()).get("rounds_total"):
+        return json.loads((out / "report.json").read_text())  # finished earlier: reuse
+    command = [*FED_DFKD, "distill", "--config", config, "--out", str(out), "--teachers", str(teachers),
+               "--set", f"runtime.threads={threads}", "--set", "runtime.progress=lines"]
+    if (out / "checkpoints" / "last.pt").exists():
+        command.append("--resume")
+    for item in overrides:
+        command += ["--set", item]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.log", "a") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variant", action="append", required=True,
+                        help="NAME:section.key=value,section.key=value")
+    parser.add_argument("--seeds", action="append", default=[],
+                        help="NAME=0,1,2 (default: seed 0 only)")
+    parser.add_argument("--set", dest="common", action="append", default=[],
+                        help="override applied to every run")
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    teachers = out / "teachers-run"
+    subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
+                    "--no-clients", *sum((["--set", s] for s in args.common), [])], check=True)
+    seeds = {name: [int(s) for s in values.split(",")]
+             for name, values in (item.split("=", 1) for item in args.seeds)}
+    jobs = []
+    for text in args.variant:
+        name, overrides = parse_variant(text)
+        for seed in seeds.get(name, [0]):
+            jobs.append((name, seed, [*args.common, *overrides, f"runtime.seed={seed}"]))
+    threads = 1 if args.jobs > 1 else 2
+    started = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(
+            lambda job: run_one(args.config, out / f"{job[0]}-seed{job[1]}", teachers, job[2], threads), jobs))
+    rows = []
+    for (name, seed, _), report in zip(jobs, reports):
+        rows.append({"variant": name, "seed": seed, "student_accuracy": report["student_accuracy"],
+                     "best_student_accuracy": report["best_student_accuracy"],
+                     "teacher_accuracy": report["best_teacher_accuracy"],
+                     "ratio": report["student_to_teacher"], "agreement": report["agreement"],
+                     "probability_loyalty": report["probability_loyalty"],
+                     "rounds": report["rounds_completed"], "wall_seconds": report["wall_seconds"]})
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| variant | seeds | student accuracy | x teacher | Agree@1 | L_p | wall s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        group = [r for r in rows if r["variant"] == name]
+
+        def stat(key: str, digits: int = 4) -> str:
+            values = [r[key] for r in group]
+            if len(values) == 1:
+                return f"{values[0]:.{digits}f}"
+            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+        lines.append(f"| {name} | {len(group)} | {stat('student_accuracy')} | {stat('ratio', 3)} | "
+                     f"{stat('agreement')} | {stat('probability_loyalty')} | {stat('wall_seconds', 0)} |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
