@@ -28,6 +28,9 @@ def _ensure_logging() -> None:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        # Flower's HTTP client logs every request (each chunk, each log push) at INFO.
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> ServerApp:

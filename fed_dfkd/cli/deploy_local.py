@@ -41,6 +41,15 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _log_tail(path: Path, lines: int = 15) -> str:
+    """The end of a log without the HTTP client's per-request lines."""
+    if not path.is_file():
+        return ""
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if line.strip() and " httpx: " not in line]
+    return "\n".join(kept[-lines:])
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     # SIGTERM takes the Ctrl-C path: the deployment's cleanup runs in its `finally`.
     raise KeyboardInterrupt(f"signal {signum}")
@@ -76,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
             why += f"; the server stopped: {report.get('stop_reason')}"
         print(f"fed-dfkd deploy-local: {why}; see {run_log} and the other logs in "
               f"{result.logs_dir}", file=sys.stderr)
+        tail = _log_tail(run_log)
+        if tail:
+            print(f"last lines of {run_log.name}:\n{tail}", file=sys.stderr)
         return 1
     print(
         f"student accuracy {_fraction(report['student_accuracy'])} after "

@@ -41,8 +41,9 @@ def flwr_home(state: str | None) -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("superlink", help="run a Flower SuperLink (TLS by default)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=9092,
-                        help="the one HTTP port for SuperNodes, the CLI and ServerApps (default 9092)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="the one HTTP port for SuperNodes, the CLI and ServerApps "
+                             "(default 8000, Flower's)")
     add_tls_arguments(parser)
     parser.add_argument("--state", metavar="DIR", default=None,
                         help="keep the SuperLink's database and Flower home here (default: in memory)")
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     require_tls_choice(args)
-    certificates = None if args.insecure else CertificatePaths.in_folder(Path(args.certs)).require(server=True)
+    certificates = (None if args.insecure
+                    else CertificatePaths.in_folder(Path(args.certs)).require(server=True))
     database = None
     if args.state:
         state = Path(args.state).expanduser().resolve()

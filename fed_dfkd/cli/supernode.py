@@ -19,7 +19,8 @@ from fed_dfkd.cli.superlink import add_tls_arguments, flwr_home, require_tls_cho
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("supernode", help="run a Flower SuperNode hosting one teacher")
-    parser.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                        help="the SuperLink's address")
     parser.add_argument("--partition-id", type=int, required=True, metavar="K",
                         help="the owner's partition (names its teacher in --teachers)")
     teacher = parser.add_mutually_exclusive_group(required=True)

@@ -24,8 +24,13 @@ the verified Flower 1.41 facts are in platform.md §2, §3.1, §3.2 and §5):
 
 Run-folder layout of ``deploy-local --out DIR``: the run's outputs (``report.json``,
 ``metrics.jsonl``, ...), ``teachers/`` (one teacher per owner), ``certs/``, ``logs/`` (one log per
-process: ``superlink.log``, ``supernode-K.log``, ``flwr-run.log``) and ``.flwr/`` (each process's
-``FLWR_HOME``: installed FABs, the CLI's ``config.toml``).
+process: ``superlink.log``, ``supernode-K.log``, ``flwr-run.log``; ``run_config.toml``; and
+``processes.json``, every process started with its pid and port and the marker) and ``.flwr/``
+(each process's ``FLWR_HOME``: installed FABs, the CLI's ``config.toml``).
+
+The ServerApp gets ``out`` as an absolute path (the run config's ``out`` has no default: an empty
+one is refused by the ServerApp) and no ``teachers``: in a deployment the teachers stay with the
+SuperNodes, which find theirs through ``--node-config teachers-dir=... partition-id=K``.
 
 Latency (platform.md §5): a round costs seconds of polling and process start in deployment; the
 SuperNodes get ``OMP_NUM_THREADS=1`` and ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1``. A SIGKILLed
@@ -135,7 +140,8 @@ def make_certificates(
     The server certificate names ``ip_addresses`` and ``dns_names`` as subject alternative names,
     with ``basicConstraints CA:FALSE``, ``keyUsage digitalSignature, keyEncipherment`` and
     ``extendedKeyUsage serverAuth`` (platform.md §5). Keys are RSA 2048, as in the setup
-    platform.md verified with Flower; the key file gets mode 0600 and the CA key is not kept. An existing file is a UserError unless ``overwrite``.
+    platform.md verified with Flower; the key file gets mode 0600 and the CA key is not kept.
+    An existing file is a UserError unless ``overwrite``.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -157,7 +163,8 @@ def make_certificates(
 
     now = datetime.datetime.now(datetime.timezone.utc)
     # Backdated a little: a clock a few seconds behind must not see a not-yet-valid certificate.
-    not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
+    not_before = now - datetime.timedelta(minutes=5)
+    not_after = now + datetime.timedelta(days=valid_days)
 
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-dfkd loopback CA")])
@@ -235,9 +242,7 @@ def executable(name: str) -> str:
     return found
 
 
-def process_environment(
-    flwr_home: Path, *, marker: str | None = None, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def process_environment(flwr_home: Path, *, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus platform.md §2's Flower variables for ``flwr_home``.
 
     The interpreter's folder goes first on ``PATH``: the SuperLink and the SuperNodes start
@@ -248,8 +253,6 @@ def process_environment(
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep)
                                                if p and p != bin_dir]])
-    if marker is not None:
-        env[MARKER_VARIABLE] = marker
     env.update(extra or {})
     return env
 
@@ -519,6 +522,9 @@ class ProcessSupervisor:
         for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # The leader is gone; its children (a ClientApp mid-round) may take a moment more.
+        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in processes):
+            time.sleep(0.1)
         for process in processes:
             if process.running() or _group_alive(process.pid):
                 logger.warning("%s (pid %d) did not stop within %g s: SIGKILL", process.name,
@@ -605,7 +611,9 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_foreground(command: Sequence[str], *, env: Mapping[str, str], grace: float = STOP_GRACE) -> int:
+def run_foreground(
+    command: Sequence[str], *, env: Mapping[str, str], grace: float = STOP_GRACE
+) -> int:
     """Run ``command`` until it exits, forwarding SIGINT, SIGTERM and SIGHUP to its group.
 
     After a forwarded signal the child gets ``grace`` seconds, then its group is SIGKILLed, and
@@ -720,7 +728,7 @@ class LocalDeployment:
 
     def _env(self, name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # One FLWR_HOME per process: SuperNodes install the FAB concurrently.
-        return process_environment(self.flwr_home / name, marker=self.supervisor.marker, extra=extra)
+        return process_environment(self.flwr_home / name, extra=extra)
 
     def make_certificates(self) -> CertificatePaths | None:
         """Fresh certificates in ``out/certs`` (TLS), or ``None`` (insecure)."""
@@ -728,7 +736,9 @@ class LocalDeployment:
             self.certificates = make_certificates(self.out / CERTS_DIR, overwrite=True)
         return self.certificates
 
-    def start_superlink(self, *, port: int | None = None, health_timeout: float = HEALTH_TIMEOUT) -> ManagedProcess:
+    def start_superlink(
+        self, *, port: int | None = None, health_timeout: float = HEALTH_TIMEOUT
+    ) -> ManagedProcess:
         """Start the SuperLink and wait (bounded) until ``/health`` answers 200."""
         if self.tls and self.certificates is None:
             self.make_certificates()
@@ -842,6 +852,11 @@ class LocalDeployment:
         status = None
         if run_id is not None and self.superlink is not None and self.superlink.running():
             status = self.run_status(run_id)
+            # A log stream can end before the run does (a dropped connection): keep asking.
+            while (not timed_out and status is not None and not status.startswith("finished")
+                   and time.monotonic() < deadline and self.superlink.running()):
+                time.sleep(2.0)
+                status = self.run_status(run_id)
         return RunOutcome(run_id=run_id, status=status, timed_out=timed_out,
                           cli_exit_code=submitted.popen.returncode)
 
@@ -926,7 +941,9 @@ def deploy_local(
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return DeploymentResult(outcome=outcome, report=report, logs_dir=deployment.logs_dir,
-                            marker=deployment.supervisor.marker, seen_pids=set(deployment.supervisor.seen_pids), ports=list(deployment.ports))
+                            marker=deployment.supervisor.marker,
+                            seen_pids=set(deployment.supervisor.seen_pids),
+                            ports=list(deployment.ports))
 
 
 __all__ = [

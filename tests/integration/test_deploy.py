@@ -8,7 +8,9 @@
   PIDs it recorded, and by scanning for any process whose ``FLWR_HOME`` lies in the run folder)
   and every port it used is free;
 - dropout: 3 SuperNodes, one SIGKILLed (its whole process group) once round 1 has reached the
-  nodes; the run completes with the other two and the report counts the lost reply.
+  nodes; the run completes with the other two and the report counts the lost reply;
+- the process supervisor alone (no Flower, seconds): a child that detaches into its own session
+  and a process that ignores SIGTERM are both gone after ``stop_all``, bounded in time.
 
 Every process is started by the code under test with a recorded PID and stopped in its
 ``finally``; the tests check that themselves, bounded in time. Rounds cost ~5-13 s in deployment
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ from fed_dfkd.cli.main import main
 from fed_dfkd.engine.deploy import (
     LOOPBACK,
     LocalDeployment,
+    ProcessSupervisor,
     check_health,
     deploy_local,
     health_url,
@@ -42,7 +46,7 @@ from fed_dfkd.engine.deploy import (
 )
 from fed_dfkd.errors import UserError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -65,7 +69,7 @@ def set_args(overrides: list[str]) -> list[str]:
 
 def processes_under(folder: Path) -> list[int]:
     """Live processes whose FLWR_HOME lies in ``folder`` (each deployed process has one there)."""
-    needle = f"FLWR_HOME={folder.resolve()}".encode()
+    needle = f"FLWR_HOME={folder.resolve()}{os.sep}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -79,6 +83,19 @@ def processes_under(folder: Path) -> list[int]:
     return found
 
 
+#: A process that starts a grandchild in a session of its own (as the SuperLink starts its
+#: SuperExec), prints the grandchild's pid, ignores SIGTERM if asked, and sleeps.
+DETACHING_PARENT = """
+import signal, subprocess, sys, time
+if sys.argv[1] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                         start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
 def wait_until_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = [p for p in pids if process_alive(p)]
@@ -88,6 +105,7 @@ def wait_until_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     return alive
 
 
+@pytest.mark.slow
 def test_certificates_serve_tls_health(tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -132,6 +150,7 @@ def test_certificates_serve_tls_health(tmp_path: Path) -> None:
     assert port_is_free(port)
 
 
+@pytest.mark.slow
 def test_deploy_local_two_supernodes_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     code = main(["deploy-local", "--clients", "2", "--config", str(QUICKSTART), "--out", str(out),
@@ -148,9 +167,8 @@ def test_deploy_local_two_supernodes_tls(tmp_path: Path, capsys: pytest.CaptureF
     assert report["rejected_replies"] == 0 and report["missing_replies"] == 0
     assert [h["replies"] for h in report["history"]] == [2, 2]
     assert all(h["bytes"] > 0 for h in report["history"])
-    # Teachers stay with the owners: the server saw only the manifests the clients sent.
+    # Teachers stay with the owners: the server cannot evaluate their ensemble.
     assert report["ensemble_accuracy"] is None
-    assert len(report["teacher_accuracies"]) == 2
 
     record = json.loads((out / "logs" / "processes.json").read_text())
     started = {p["name"]: p for p in record["processes"]}
@@ -170,12 +188,15 @@ def test_deploy_local_two_supernodes_tls(tmp_path: Path, capsys: pytest.CaptureF
     assert all(port_is_free(port) for port in ports)
 
 
+@pytest.mark.slow
 def test_dropout_supernode_killed_mid_run(tmp_path: Path) -> None:
     """3 SuperNodes, min_replies 2: one is SIGKILLed once round 1 has reached the nodes.
 
-    The dead node's reply is missing after ``round_timeout`` (30 s) in round 1; in round 2 it is
-    still listed until the SuperLink's heartbeat check drops it (~61 s after the kill), which
-    ends that round with an error reply or a timeout, whichever comes first. ~2 minutes in all.
+    The dead node's reply is lost either way: missing when ``round_timeout`` (45 s) passes, or an
+    error reply when the SuperLink's heartbeat check gives up on the node (30-60 s after the
+    kill, depending on when its last heartbeat was). Until then the node is still listed, so
+    round 2 may try it too. The round timeout is kept well above a loaded machine's round
+    (~10-20 s with 3 ClientApp processes starting on 2 cores). ~2 minutes in all.
     """
     killed: dict[str, Any] = {}
     errors: list[BaseException] = []
@@ -202,26 +223,64 @@ def test_dropout_supernode_killed_mid_run(tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     overrides = TINY + ["federation.sample_rate=1.0", "federation.min_replies=2",
-                        "federation.round_timeout=30"]
+                        "federation.round_timeout=45"]
     result = deploy_local(config=QUICKSTART, out=out, overrides=overrides, num_clients=3, tls=True,
                           run_timeout=220, on_submitted=kill_one_when_round_one_arrives)
 
     assert errors == []
     assert killed, "no SuperNode received round 1"
-    assert result.outcome.completed, (result.outcome, (result.logs_dir / "flwr-run.log").read_text()[-3000:])
+    run_log = (result.logs_dir / "flwr-run.log").read_text()
+    assert result.outcome.completed, (result.outcome, run_log[-3000:])
     report = result.report
     assert report is not None and report["status"] == "completed"
     assert report["engine"] == "deployment"
     assert report["rounds_completed"] == 2
     lost = report["missing_replies"] + report["rejected_replies"]
     assert lost >= 1
-    per_round = [h["missing"] + h["rejected"] for h in report["history"]]
-    assert per_round[1] >= 1  # the dead node was still listed in round 2
+    # Per-round counts are in metrics.jsonl (the report's history keeps the issue's keys).
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_round = [m["missing"] + m["rejected"] for m in metrics]
+    assert sum(per_round) == lost
+    assert all(m["sampled"] == 3 and m["replies"] == 2 for m in metrics if m["missing"] + m["rejected"])
     if not killed["replied"]:
-        assert per_round[0] >= 1 and report["history"][0]["replies"] == 2
+        assert per_round[0] >= 1
+    assert [h["replies"] for h in report["history"]] == [m["replies"] for m in metrics]
     assert report["history"][1]["replies"] == 2
     assert not process_alive(killed["pid"])
     assert wait_until_gone(sorted(result.seen_pids)) == []
     assert processes_with_marker(result.marker) == []
     assert processes_under(out) == []
     assert all(port_is_free(port) for port in result.ports)
+
+
+@pytest.mark.parametrize("behaviour", ["polite", "stubborn"])
+def test_supervisor_stops_detached_children_and_stubborn_processes(
+    tmp_path: Path, behaviour: str
+) -> None:
+    supervisor = ProcessSupervisor(grace=1.0)
+    log = tmp_path / "parent.log"
+    try:
+        parent = supervisor.start("parent", [sys.executable, "-c", DETACHING_PARENT, behaviour],
+                                  role="supernode", env=dict(os.environ), log_path=log)
+        deadline = time.monotonic() + 20
+        while not log.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grandchild = int(log.read_text().split()[0])
+        assert os.getsid(grandchild) != os.getsid(parent.pid)  # out of the parent's group
+        assert processes_with_marker(supervisor.marker) == sorted([parent.pid, grandchild])
+    finally:
+        started = time.monotonic()
+        supervisor.stop_all()
+        elapsed = time.monotonic() - started
+    assert not process_alive(parent.pid) and not process_alive(grandchild)
+    assert parent.popen.returncode == (-9 if behaviour == "stubborn" else -15)
+    assert elapsed < 10
+    assert {parent.pid, grandchild} <= supervisor.seen_pids
+    assert supervisor.alive_pids() == []
+
+
+def test_supervisor_start_failure_is_a_user_error(tmp_path: Path) -> None:
+    supervisor = ProcessSupervisor()
+    with pytest.raises(UserError, match="cannot start"):
+        supervisor.start("missing", [str(tmp_path / "no-such-program")], role="cli", env={})
+    assert supervisor.processes == []
