@@ -2,9 +2,11 @@
 
 :class:`FederatedServer` turns the :class:`~fed_dfkd.coordinator.Coordinator`'s state into one
 :class:`~fed_dfkd.protocol.RoundInstruction` per round and completes the round from the valid
-client updates: ΔG aggregated into G, logits aggregated into targets, student steps. The
-ServerApp (``server/``) moves the instruction and the replies over Flower; the in-process and
-Ray engines and real deployment all run this same code.
+client updates: ΔG aggregated into G, logits aggregated into targets, student steps. In mode
+``logits_only`` the clients only answer logits, and the server trains G itself from extra logit
+queries sent with the round (:mod:`fed_dfkd.zeroth_order`). The ServerApp (``server/``) moves
+the instruction and the replies over Flower; the in-process and Ray engines and real deployment
+all run this same code.
 """
 
 from __future__ import annotations

@@ -86,10 +86,15 @@ def write_plots(
     samples: Any = None,
     sample_labels: Sequence[str] | None = None,
 ) -> None:
-    from fed_dfkd.plots import plot_accuracy, plot_epsilon, save_image_grid
+    from fed_dfkd.plots import plot_accuracy, plot_curves, plot_epsilon, save_image_grid
 
     plot_accuracy(plots_dir / "accuracy.png", list(history),
                   teacher_accuracy=teacher_accuracy, ensemble_accuracy=ensemble_accuracy)
+    if any(r.get("mean_weight") is not None for r in history):
+        plot_curves(plots_dir / "curriculum.png", list(history), x="step",
+                    ys={"mean self-paced weight": "mean_weight", "admitted fraction": "admitted_fraction",
+                        "adversarial weight": "weight_adversarial"},
+                    title="Curriculum: what the student is paced on", ylabel="value", xlabel="round")
     if any(r.get("epsilon") is not None for r in history):
         plot_epsilon(plots_dir / "epsilon.png", list(history))
     if samples is not None:

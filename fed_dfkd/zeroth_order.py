@@ -184,8 +184,7 @@ def replace_one_values(
     sample i alone, which a batch-level term such as class balance needs (its gradient in x_i
     depends on the other samples) and which costs no extra query.
     """
-    if base_logits.dim() != 2 or perturbed_logits.dim() != 3 or \
-            perturbed_logits.shape[0] != base_logits.shape[0] or perturbed_logits.shape[2] != base_logits.shape[1]:
+    if base_logits.dim() != 2 or perturbed_logits.dim() != 3 or perturbed_logits.shape[::2] != base_logits.shape:
         raise ValueError(f"need base [B, C] and perturbed [B, m, C] logits, got "
                          f"{tuple(base_logits.shape)} and {tuple(perturbed_logits.shape)}")
     batch, count, classes = perturbed_logits.shape
@@ -381,7 +380,8 @@ class ZerothOrderGeneratorTrainer:
                 module.train(was_training)
         metrics.update(exact)
         metrics["generator_loss"] = float(base_value) + sum(
-            weights[name] * exact.get(f"generator_{name}", 0.0) for name in ("adversarial", "total_variation"))
+            weights[name] * exact.get(f"generator_{name}", 0.0)
+            for name in ("adversarial", "total_variation"))
         metrics.update({f"weight_{name}": value for name, value in weights.items()})
         metrics.update({
             "zo_query_samples": float(query.num_samples),

@@ -252,14 +252,15 @@ def test_estimate_of_a_batch_objective_through_a_linear_teacher_matches_autograd
 # --------------------------------------------------------------------------------------------
 
 
-def make_trainer(*, steps=1, lr=1e-3, batch_size=6, directions=4, **method):
+def make_trainer(*, steps=1, lr=1e-3, batch_size=6, directions=4, num_classes=0, **method):
     cfg = config_from_dict({
         "method": {"name": "cudfkd", "generator_steps": steps, "generator_lr": lr, **method},
         "federation": {"mode": "logits_only"},
     })
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        generator = build_generator("dcgan", latent_dim=8, width=4, depth=2, image_size=8, channels=1)
+        generator = build_generator("dcgan", latent_dim=8, width=4, depth=2, image_size=8, channels=1,
+                                    num_classes=num_classes)
     trainer = ZerothOrderGeneratorTrainer(
         generator, cfg.method, cfg.curriculum, batch_size=batch_size, num_directions=directions,
         smoothing=0.02, seed=3)
@@ -306,7 +307,8 @@ def test_a_step_moves_g_and_lowers_the_teacher_objective():
     assert any(not torch.equal(v, before[k]) for k, v in trainer.generator.named_parameters())
     assert current_value() < before_value
     assert metrics["zo_query_samples"] == 8 * 65
-    assert metrics["generator_zo_one_hot"] == pytest.approx(float(one_hot_loss(linear_teacher(query.samples[:8]))))
+    expected_one_hot = one_hot_loss(linear_teacher(query.samples[:8]))
+    assert metrics["generator_zo_one_hot"] == pytest.approx(float(expected_one_hot))
     assert {"generator_loss", "generator_zo_class_balance", "zo_gradient_norm", "zo_step_norm",
             "weight_one_hot", "weight_class_balance"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
@@ -352,3 +354,37 @@ def test_step_rejects_logits_of_the_wrong_size():
     with pytest.raises(ValueError, match="logits for the query"):
         trainer.step(query, torch.zeros(query.num_samples - 1, 10), student=student,
                      progress=Progress.of_round(0, 10))
+
+
+def test_a_conditional_generator_asks_the_one_hot_term_for_its_labels():
+    trainer, student = make_trainer(adversarial_weight=0.0, class_balance_weight=0.0, num_classes=10)
+    query = trainer.plan(0)
+    assert query.labels is not None and query.labels.shape == (6,)
+    logits = linear_teacher(query.samples)
+    metrics = trainer.step(query, logits, student=student, progress=Progress.of_round(0, 10))
+    expected = torch.nn.functional.cross_entropy(logits[:6], query.labels)
+    assert metrics["generator_zo_one_hot"] == pytest.approx(float(expected))
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("zo_smoothing", 1 / 255, "two uint8 levels"),
+    ("zo_smoothing", 0.6, "two uint8 levels"),
+    ("zo_directions", 0, ">= 1"),
+    ("zo_batch_size", 1, ">= 2"),
+])
+def test_config_rejects_unusable_zeroth_order_settings(key, value, words):
+    from fed_dfkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"federation.{key}") as error:
+        config_from_dict({"federation": {key: value}})
+    assert words in str(error.value)
+
+
+def test_config_accepts_the_smallest_smoothing_and_no_queries():
+    cfg = config_from_dict({"federation": {"zo_smoothing": 2 / 255, "zo_batch_size": 0}})
+    assert cfg.federation.zo_batch_size == 0
