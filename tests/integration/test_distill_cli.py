@@ -23,11 +23,10 @@ import fed_dfkd.reporting as reporting
 from fed_dfkd.centralized import CentralDistillation
 from fed_dfkd.cli.main import main
 from fed_dfkd.config import DistillConfig, config_from_dict, load_config
+from runhelpers import PNG_MAGIC, QUICKSTART, REPO, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, set_args
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ROUNDS = 3
 FAST = [
     f"federation.rounds={ROUNDS}",
@@ -39,12 +38,6 @@ FAST = [
     "runtime.progress=none",
 ]
 # Per-round values that measure time, not results.
-TIMING_KEYS = {"seconds", "wall_seconds"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def distill(out: Path, *extra: str, teachers: Path | None = None, overrides: list[str] = FAST) -> int:
@@ -52,32 +45,6 @@ def distill(out: Path, *extra: str, teachers: Path | None = None, overrides: lis
     if teachers is not None:
         argv += ["--teachers", str(teachers)]
     return main([*argv, *extra])
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def load_checkpoint(out: Path) -> dict[str, Any]:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-
-
-def assert_same_state(a: Any, b: Any, path: str = "engine") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def documented_report_keys() -> list[str]:

@@ -26,11 +26,10 @@ from fed_dfkd.coordinator import build_pseudo_generator
 from fed_dfkd.data import dataset_info
 from fed_dfkd.federated import FederatedServer
 from fed_dfkd.transport import keys
+from runhelpers import QUICKSTART, REPO, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ROUNDS, CLIENTS, QUERIES, DIRECTIONS = 3, 3, 8, 2
 BATCH, STUDENT_STEPS = 32, 2
 FAST = [
@@ -49,38 +48,6 @@ FAST = [
 QUERY_SAMPLES = QUERIES * (1 + DIRECTIONS)
 IMAGE_BYTES = 8 * 8  # digits: one uint8 channel of 8x8
 CLASSES = 10
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text())
-
-
-def load_checkpoint(out: Path) -> dict[str, Any]:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-
-
-def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -26,11 +26,10 @@ import server.loop as loop
 from fed_dfkd.cli.main import main
 from fed_dfkd.protocol import ClientUpdate
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
+from runhelpers import PNG_MAGIC, QUICKSTART, REPO, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ROUNDS = 3
 FAST = [
     f"federation.rounds={ROUNDS}",
@@ -42,15 +41,9 @@ FAST = [
     "runtime.progress=none",
     "federation.num_clients=3",
 ]
-TIMING_KEYS = {"seconds", "wall_seconds"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FEDERATION_REPORT_KEYS = ("mode", "engine", "sample_rate", "bytes_up", "bytes_down",
                           "bytes_per_round", "rejected_replies", "refusals")
 HISTORY_KEYS = ("round", "student_accuracy", "replies", "bytes", "seconds")
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def simulate(out: Path, *extra: str, teachers: Path | None = None, overrides: list[str] = FAST) -> int:
@@ -58,39 +51,6 @@ def simulate(out: Path, *extra: str, teachers: Path | None = None, overrides: li
     if teachers is not None:
         argv += ["--teachers", str(teachers)]
     return main([*argv, *extra])
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text())
-
-
-def load_checkpoint(out: Path) -> dict[str, Any]:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-
-
-def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
-    """Bit-exact equality of nested checkpoint values (tensors, dicts, lists, Flower records)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    elif isinstance(a, RecordDict):
-        assert isinstance(b, RecordDict) and repr(a) == repr(b), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def client_states(out: Path) -> dict[int, Any]:
