@@ -64,7 +64,8 @@ def main() -> int:
     out = Path(args.out)
     teachers = out / "teachers-run"
     subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
-                    "--no-clients", *sum((["--set", s] for s in args.common), [])], check=True)
+                    "--no-clients", "--set", "runtime.threads=1",
+                    *sum((["--set", s] for s in args.common), [])], check=True)
     seeds = {name: [int(s) for s in values.split(",")]
              for name, values in (item.split("=", 1) for item in args.seeds)}
     jobs = []

@@ -51,6 +51,15 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _atomic_write(
     path: PathLike,
     write: Callable[[IO[bytes]], object],
@@ -73,6 +82,8 @@ def _atomic_write(
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # NamedTemporaryFile creates 0600; give the result the mode a plain open() would.
+        os.chmod(temporary, 0o666 & ~_UMASK)
         if before_replace is not None:
             before_replace()
         os.replace(temporary, target)
