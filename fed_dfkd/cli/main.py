@@ -26,7 +26,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fed-dfkd", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="fed-dfkd",
+        description="Federated, privacy-preserving, data-free knowledge distillation.",
+        epilog="Run `fed-dfkd COMMAND --help` for a command's options.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
