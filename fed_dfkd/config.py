@@ -72,6 +72,9 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
     test_fraction: float = 0.2
+    # Seeds the train/test split and subsets; kept apart from runtime.seed so that runs with
+    # different seeds are scored on the same held-out images (and a teacher never sees them).
+    split_seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
     # Held out by the coordinator for evaluation only; never used for training the student.
@@ -500,6 +503,7 @@ def _check(cfg: ExperimentConfig) -> None:
         value = getattr(d, name)
         _require(value is None or value > 0, f"data.{name}", "must be a positive integer or null")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    _require(d.split_seed >= 0, "data.split_seed", "must be >= 0")
 
     for role in ("teacher", "student"):
         arch = getattr(m, role)

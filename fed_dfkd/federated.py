@@ -47,6 +47,11 @@ def _copy_state(module: torch.nn.Module) -> dict[str, Tensor]:
 
 class FederatedServer:
     def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
+        if not cfg.distill.quantize_samples:
+            from fed_dfkd.errors import UserError
+
+            raise UserError("distill.quantize_samples must be true for a federation: pseudo-samples "
+                            "travel as uint8 so every party sees the same tensor")
         self.cfg, self.info = cfg, info
         self.coordinator = Coordinator(cfg, info, device=device)
         self.config_key = resume_key(cfg)

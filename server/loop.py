@@ -611,16 +611,12 @@ class ServerLoop:
 
     def run(self) -> dict[str, Any]:
         """Run the remaining rounds; returns the final report (also in ``report.json``)."""
-        from fed_dfkd.data import load_dataset
+        from fed_dfkd.data import load_experiment_data
 
         cfg = self.cfg
         self.device = resolve_device(cfg.runtime)
         self.run_dir.write_config(dump_config(cfg))
-        splits = load_dataset(
-            cfg.data.dataset, root=cfg.data.root, seed=cfg.runtime.seed,
-            test_fraction=cfg.data.test_fraction, train_subset=cfg.data.train_subset,
-            test_subset=cfg.data.test_subset,
-        )
+        splits = load_experiment_data(cfg)
         self.data_source = splits.source
         logger.info("server data: %s (%d test images for evaluation)", splits.source,
                     len(splits.test_labels))

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fed_dfkd.centralized import CentralDistillation
     from fed_dfkd.config import dump_config
-    from fed_dfkd.data import load_dataset
+    from fed_dfkd.data import load_experiment_data
     from fed_dfkd.data.teachers import load_teachers, pretrain_teachers
     from fed_dfkd.errors import UserError
     from fed_dfkd.evaluation import Evaluator
@@ -62,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
     run_dir.write_config(dump_config(cfg))
 
-    splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.root, seed=cfg.runtime.seed,
-        test_fraction=cfg.data.test_fraction, train_subset=cfg.data.train_subset,
-        test_subset=cfg.data.test_subset,
-    )
+    splits = load_experiment_data(cfg)
     logger.info("data: %s (%d train / %d test)", splits.source, len(splits.train_labels),
                 len(splits.test_labels))
     teacher_dir = Path(args.teachers) if args.teachers else out

@@ -9,6 +9,7 @@ from fed_dfkd.data.datasets import (
     default_cache_dir,
     load_dataset,
 )
+from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.partition import (
     class_histograms,
     partition,
@@ -25,6 +26,7 @@ __all__ = [
     "dataset_names",
     "default_cache_dir",
     "load_dataset",
+    "load_experiment_data",
     "class_histograms",
     "partition",
     "partition_dirichlet",

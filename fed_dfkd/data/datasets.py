@@ -608,3 +608,10 @@ def _load_svhn(*, root: Path | None, seed: int, test_fraction: float, cache_dir:
         255.0,
         f"torchvision SVHN at {root}",
     )
+
+
+def load_experiment_data(cfg: Any) -> DatasetSplits:
+    """The dataset an experiment config names (``data.*``; split seeded by ``data.split_seed``)."""
+    d = cfg.data
+    return load_dataset(d.dataset, root=d.root, seed=d.split_seed, test_fraction=d.test_fraction,
+                        train_subset=d.train_subset, test_subset=d.test_subset)

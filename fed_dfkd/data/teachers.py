@@ -479,7 +479,7 @@ def pretrain_teachers(
     the central one.
     """
     # Imported here: fed_dfkd.data's package module may import this one.
-    from fed_dfkd.data.datasets import load_dataset
+    from fed_dfkd.data.datasets import load_experiment_data
     from fed_dfkd.data.partition import class_histograms, partition
 
     out_dir = Path(out_dir)
@@ -487,14 +487,7 @@ def pretrain_teachers(
     expected_hash = teacher_config_hash(cfg)
     device = _resolve_device(cfg.runtime.device) if device is None else torch.device(device)
     if splits is None:
-        splits = load_dataset(
-            cfg.data.dataset,
-            root=cfg.data.root,
-            seed=cfg.runtime.seed,
-            test_fraction=cfg.data.test_fraction,
-            train_subset=cfg.data.train_subset,
-            test_subset=cfg.data.test_subset,
-        )
+        splits = load_experiment_data(cfg)
     info = splits.info
     train_labels = splits.train_labels.cpu().numpy()
 
