@@ -8,21 +8,9 @@ import torch
 from torch import Tensor
 
 from fed_dfkd.aggregation import aggregate_logits
+from fed_dfkd.data.teachers import predict_logits
 from fed_dfkd.metrics import accuracy, agreement, probability_loyalty
 from fed_dfkd.models import Classifier
-
-
-@torch.no_grad()
-def predict_logits(model: Classifier, images: Tensor, *, batch_size: int = 1024) -> Tensor:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        chunks = [model(images[i : i + batch_size].to(device)).float().cpu()
-                  for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks)
 
 
 class Evaluator:
