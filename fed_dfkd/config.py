@@ -162,7 +162,7 @@ class DistillConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     divergence: Literal["kl", "l1"] = "kl"
     temperature: float = 4.0
-    ensemble: Literal["mean", "weighted", "median", "trimmed_mean"] = "mean"
+    ensemble: Literal["mean", "weighted", "class_weighted", "median", "trimmed_mean"] = "mean"
     quantize_samples: bool = True
     eval_every: int = 1
 

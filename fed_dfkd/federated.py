@@ -45,6 +45,14 @@ def _copy_state(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def teacher_weights(updates: Sequence[ClientUpdate]) -> list[list[float]] | list[float]:
+    """Per-class counts [K, C] from the replies' class histograms, else train sizes [K]."""
+    histograms = [list(u.report.class_histogram) for u in updates]
+    if histograms and all(histograms) and len({len(h) for h in histograms}) == 1:
+        return [[float(c) for c in h] for h in histograms]
+    return [float(max(u.report.train_size, 1)) for u in updates]
+
+
 class FederatedServer:
     def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
         if not cfg.distill.quantize_samples:
@@ -130,7 +138,7 @@ class FederatedServer:
                     aggregate_updates(deltas, rule=cfg.federation.update_aggregation, weights=weights))
         logits = torch.stack([u.logits.float() for u in updates])
         # Every rule aggregates row by row, so the query rows can be split off afterwards.
-        answers = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=weights)
+        answers = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=teacher_weights(updates))
         labelled = samples.shape[0] * samples.shape[1]
         targets = answers[:labelled]
         synthesis = mean_metrics([u.report.metrics for u in updates])

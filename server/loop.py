@@ -66,7 +66,7 @@ from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig, dump_config, load_config
 from fed_dfkd.errors import UserError
 from fed_dfkd.evaluation import Evaluator, predict_logits
-from fed_dfkd.federated import FederatedServer
+from fed_dfkd.federated import FederatedServer, teacher_weights
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.progress import RoundProgress
 from fed_dfkd.protocol import ClientUpdate, RefusalData
@@ -373,7 +373,7 @@ def load_teacher_reference(
         return reference
     reference.evaluator = Evaluator(
         splits.test_images, splits.test_labels, [model for model, _ in loaded],
-        rule=cfg.distill.ensemble, weights=[float(m.train_size) for _, m in loaded],
+        rule=cfg.distill.ensemble, weights=[[float(c) for c in m.class_histogram] for _, m in loaded],
         batch_size=cfg.data.eval_batch_size,
     )
     return reference
@@ -546,8 +546,8 @@ class ServerLoop:
         """The round's first pseudo-batch and the clients' ensemble labels, for samples.png."""
         first = samples[0][:PLOT_SAMPLES].cpu()
         logits = torch.stack([u.logits[: len(first)].float() for u in updates])
-        weights = [float(max(u.report.train_size, 1)) for u in updates]
-        predicted = aggregate_logits(logits, rule=self.cfg.distill.ensemble, weights=weights).argmax(1)
+        predicted = aggregate_logits(logits, rule=self.cfg.distill.ensemble,
+                                     weights=teacher_weights(updates)).argmax(1)
         self.plot_samples = first
         self.plot_labels = [self.server.info.class_names[int(k)] for k in predicted]
 

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_teachers(teacher_dir, source=source, num_clients=cfg.federation.num_clients,
                            device=device)
     teachers = [model for model, _ in loaded]
-    weights = [float(manifest.train_size) for _, manifest in loaded]
+    # Per-class counts: the "weighted" rule uses their sums, "class_weighted" the counts.
+    weights = [[float(c) for c in manifest.class_histogram] for _, manifest in loaded]
     engine = CentralDistillation(cfg, teachers, splits.info, teacher_weights=weights, device=device)
     evaluator = Evaluator(
         splits.test_images, splits.test_labels, teachers, rule=cfg.distill.ensemble,

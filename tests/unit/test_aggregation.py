@@ -83,8 +83,9 @@ def test_trim_count_rounds_down():
 
 def test_the_output_shape_is_samples_by_classes():
     logits = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(2))
+    histograms = torch.arange(30, dtype=torch.float32).reshape(3, 10)
     for rule in LOGIT_RULES:
-        out = aggregate_logits(logits, rule=rule, weights=[1, 2, 3])
+        out = aggregate_logits(logits, rule=rule, weights=histograms)
         assert out.shape == (7, 10) and out.dtype == logits.dtype
 
 
@@ -148,3 +149,35 @@ def test_robust_rules_ignore_one_corrupted_teacher(rule, sign):
     assert robust.abs().max() < 10
     # The plain mean is dragged away: the contrast that makes the test meaningful.
     assert aggregate_logits(corrupted, rule="mean").abs().min() > 1e5
+
+
+def test_class_weighted_takes_each_class_from_the_teachers_that_saw_it():
+    # Teacher 0 saw only class 0, teacher 1 only class 1: p = (0.9, 0.8) renormalised.
+    logits = torch.log(torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]]]))
+    out = aggregate_logits(logits, rule="class_weighted", weights=[[10, 0], [0, 10]])
+    assert torch.allclose(out.exp(), torch.tensor([[0.9 / 1.7, 0.8 / 1.7]]), atol=1e-6)
+
+
+def test_class_weighted_with_equal_histograms_is_the_mean_of_probabilities():
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    out = aggregate_logits(logits, rule="class_weighted", weights=[[2, 2, 2, 2]] * 3)
+    assert torch.allclose(out.exp(), logits.softmax(-1).mean(0), atol=1e-6)
+
+
+def test_class_weighted_lets_everyone_vote_on_a_class_nobody_saw():
+    logits = torch.log(torch.tensor([[[0.5, 0.5]], [[0.1, 0.9]]]))
+    out = aggregate_logits(logits, rule="class_weighted", weights=[[4, 0], [0, 0]])
+    # class 0 from teacher 0 only (0.5); class 1 nobody saw: mean (0.5 + 0.9) / 2 = 0.7
+    assert torch.allclose(out.exp(), torch.tensor([[0.5 / 1.2, 0.7 / 1.2]]), atol=1e-6)
+
+
+def test_weighted_accepts_histograms_as_their_row_sums():
+    logits = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    by_counts = aggregate_logits(logits, rule="weighted", weights=[[1, 2, 0, 0], [3, 3, 3, 3]])
+    by_sizes = aggregate_logits(logits, rule="weighted", weights=[3, 12])
+    assert torch.allclose(by_counts, by_sizes)
+
+
+def test_class_weighted_rejects_a_wrong_shape():
+    with pytest.raises(ValueError, match="class counts"):
+        aggregate_logits(torch.zeros(2, 1, 3), rule="class_weighted", weights=[1, 2])
