@@ -9,7 +9,8 @@ same order and with the same random streams (:class:`~fed_dfkd.coordinator.Coord
    at the start of the round (what a client receives), directly on G;
 4. ``distill.student_steps`` student steps on the labelled batches.
 
-Several teachers are combined by :class:`~fed_dfkd.models.normalized.TeacherEnsemble` for the
+``teacher_weights`` are the teachers' sizes or class histograms (``distill.ensemble`` decides
+which matters; see ``fed_dfkd.aggregation``). Several teachers are combined by :class:`~fed_dfkd.models.normalized.TeacherEnsemble` for the
 generator terms (a joint objective; a federation instead averages per-client updates). No disk
 I/O here: the command saves :meth:`state_dict` and writes the outputs.
 """
@@ -39,7 +40,7 @@ class CentralDistillation:
         teachers: Sequence[Classifier],
         info: DatasetInfo,
         *,
-        teacher_weights: Sequence[float] | None = None,
+        teacher_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.cfg, self.info = cfg, info

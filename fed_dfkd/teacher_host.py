@@ -27,6 +27,7 @@ from fed_dfkd.coordinator import build_pseudo_generator, build_student, float_st
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
+from fed_dfkd.privacy.mechanisms import l2_norm
 from fed_dfkd.protocol import (
     PROTOCOL_VERSION,
     ClientReportData,
@@ -118,7 +119,7 @@ class TeacherHost:
             )
             after = float_state(self.generator)
             delta = {k: (after[k] - before[k]).cpu() for k in before}
-            norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+            norm = l2_norm(delta)
             metrics = {"generator_loss": report.loss, **{f"generator_{k}": v for k, v in report.terms.items()}}
         return ClientUpdate(
             generator_delta=delta,

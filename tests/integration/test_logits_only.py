@@ -25,7 +25,7 @@ from fed_dfkd.coordinator import build_pseudo_generator
 from fed_dfkd.data import dataset_info
 from fed_dfkd.federated import FederatedServer
 from fed_dfkd.transport import keys
-from runhelpers import QUICKSTART, REPO, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import QUICKSTART, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ import server.loop as loop
 from fed_dfkd.cli.main import main
 from fed_dfkd.protocol import ClientUpdate
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
-from runhelpers import PNG_MAGIC, QUICKSTART, REPO, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
 
 pytestmark = pytest.mark.integration
 

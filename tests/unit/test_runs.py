@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
