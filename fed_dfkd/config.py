@@ -216,11 +216,34 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Differential privacy. Only ``level: none`` runs until the privacy work lands (issue 4)."""
+    """Differential privacy (DESIGN.md §4; docs/privacy.md).
+
+    ``level: record`` trains every teacher with DP-SGD (Opacus) and makes everything its owner
+    releases later post-processing of that teacher, plus one accounted release of private
+    feature statistics and a noisy class histogram (``summary_*``). ``level: client`` protects
+    an owner's whole participation with a Gaussian mechanism on every release, ``central`` (the
+    server clips each contribution and noises the aggregate) or ``local`` (each client clips and
+    noises its own release). ε is always cumulative, at ``delta``, by ``accountant``.
+
+    ``target_epsilon`` (calibrated: each teacher's training at record level, the whole run at
+    client level) and ``noise_multiplier`` are alternatives: give exactly one.
+    """
 
     level: Literal["none", "record", "client"] = "none"
     delta: float = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    # Record level: DP-SGD (per-sample gradient clip) and the private summary release.
+    max_grad_norm: float = 1.0
+    summary: bool = True
+    summary_noise_multiplier: float = 20.0
+    summary_clip: float = 10.0
+    # Client level.
+    mechanism: Literal["central", "local"] = "central"
+    generator_clip: float = 1.0
+    logit_clip: float = 10.0
+    epsilon_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -580,8 +603,35 @@ def _check(cfg: ExperimentConfig) -> None:
              f"must be in [2/255 = {ZO_SMOOTHING_MIN:.4f}, 0.5]: the RMS change per pixel must span "
              "at least two uint8 levels, or quantising the queries erases the perturbation")
     _require(0 < pr.delta < 1, "privacy.delta", "must be in (0, 1)")
-    _require(pr.level == "none", "privacy.level",
-             f"{pr.level!r} privacy is not available yet (issue 4); use 'none'")
+    if pr.level != "none":
+        _require((pr.target_epsilon is None) != (pr.noise_multiplier is None),
+                 "privacy.target_epsilon",
+                 f"privacy.level {pr.level} needs exactly one of privacy.target_epsilon and "
+                 "privacy.noise_multiplier")
+    _require(pr.target_epsilon is None or (math.isfinite(pr.target_epsilon) and pr.target_epsilon > 0),
+             "privacy.target_epsilon", "must be a finite number > 0 or null (use level: none for ε = ∞)")
+    _require(pr.noise_multiplier is None or (math.isfinite(pr.noise_multiplier) and pr.noise_multiplier >= 0),
+             "privacy.noise_multiplier", "must be >= 0 or null")
+    _require(pr.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+    _require(pr.summary_noise_multiplier > 0, "privacy.summary_noise_multiplier", "must be > 0")
+    _require(pr.summary_clip > 0, "privacy.summary_clip", "must be > 0")
+    _require(pr.generator_clip > 0, "privacy.generator_clip", "must be > 0 (inf: no clipping)")
+    _require(pr.logit_clip > 0, "privacy.logit_clip", "must be > 0 (inf: no clipping)")
+    _require(pr.epsilon_max is None or pr.epsilon_max > 0, "privacy.epsilon_max",
+             "must be > 0 or null (null: target_epsilon, or no limit)")
+    if pr.level == "client":
+        if pr.noise_multiplier:
+            _require(math.isfinite(pr.generator_clip) and math.isfinite(pr.logit_clip),
+                     "privacy.generator_clip", "noise needs finite clip bounds (the noise is σ x clip)")
+        # The class histograms and train sizes behind these rules are the client's private data.
+        _require(di.ensemble in ("mean", "median", "trimmed_mean"), "distill.ensemble",
+                 f"{di.ensemble!r} weighs clients by their class histograms or sizes, which client-"
+                 "level privacy keeps on the clients; use mean, median or trimmed_mean")
+        _require(fe.update_aggregation == "mean", "federation.update_aggregation",
+                 "client-level privacy bounds each client's share of the sum: use mean")
+        if pr.mechanism == "central":
+            _require(di.ensemble == "mean", "distill.ensemble",
+                     "central client-level privacy noises a sum: use mean")
 
     _require(ru.seed >= 0, "runtime.seed", "must be >= 0")
     _require(ru.device == "cpu" or ru.device == "auto" or ru.device.startswith("cuda"),

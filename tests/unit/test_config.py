@@ -195,9 +195,30 @@ def test_an_absolute_pace_may_exceed_one():
 
 
 @pytest.mark.parametrize("level", ["record", "client"])
-def test_only_privacy_level_none_is_available(level):
-    error = config_error({"privacy": {"level": level}})
-    assert error.field_path == "privacy.level"
+def test_a_privacy_level_needs_exactly_one_of_target_epsilon_and_noise(level):
+    assert config_error({"privacy": {"level": level}}).field_path == "privacy.target_epsilon"
+    both = {"level": level, "target_epsilon": 1.0, "noise_multiplier": 1.0}
+    assert config_error({"privacy": both}).field_path == "privacy.target_epsilon"
+    extra = {"distill": {"ensemble": "mean"}, "federation": {"update_aggregation": "mean"}}
+    assert config_from_dict({"privacy": {"level": level, "target_epsilon": 2.0}, **extra}).privacy.target_epsilon == 2.0
+
+
+@pytest.mark.parametrize("ensemble", ["weighted", "class_weighted"])
+def test_client_level_privacy_refuses_aggregations_that_read_private_histograms(ensemble):
+    cfg = {"privacy": {"level": "client", "noise_multiplier": 1.0},
+           "federation": {"update_aggregation": "mean"}, "distill": {"ensemble": ensemble}}
+    assert config_error(cfg).field_path == "distill.ensemble"
+    cfg["distill"]["ensemble"] = "mean"
+    cfg["federation"]["update_aggregation"] = "weighted_mean"
+    assert config_error(cfg).field_path == "federation.update_aggregation"
+
+
+@pytest.mark.parametrize("key,value", [("target_epsilon", 0.0), ("target_epsilon", -1.0),
+                                       ("noise_multiplier", -0.5), ("generator_clip", 0.0),
+                                       ("logit_clip", -1.0), ("epsilon_max", 0.0),
+                                       ("max_grad_norm", 0.0)])
+def test_privacy_numbers_out_of_range_are_named(key, value):
+    assert config_error({"privacy": {key: value}}).field_path == f"privacy.{key}"
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu", "CUDA", ""])
