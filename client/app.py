@@ -308,7 +308,7 @@ def _refuse(
     message: Message, *, round: int, reason: str, text: str,
     manifest: TeacherManifestData | None = None,
 ) -> Message:
-    logger.warning("round %d: refused (%s): %s", round, reason, text)
+    logger.warning("round %d: refused (%s): %s", round + 1, reason, text)
     refusal = RefusalData(round=round, reason=reason, message=text)
     return Message(content=refusal_to_recorddict(refusal, manifest=manifest), reply_to=message)
 
@@ -347,8 +347,8 @@ def _serve_round(
     refusal = host.check(instruction)
     if refusal is not None:
         return refusal
-    if instruction.mode == LOGITS_ONLY:
-        # No generator work, so no state is read or written.
+    if instruction.mode == LOGITS_ONLY and host.ledger is None:
+        # No generator work and no privacy ledger, so no state is read or written.
         return host.serve(instruction)
     try:
         stored = read_host_state(context.state)

@@ -271,6 +271,8 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------------
 
 _HINTS: dict[type, dict[str, Any]] = {}
+# Bounds where +inf (YAML .inf) means "no bound".
+_INFINITY_ALLOWED = frozenset({"privacy.generator_clip", "privacy.logit_clip", "privacy.epsilon_max"})
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -341,7 +343,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         if number is None:
             raise ConfigError(path, f"must be a number, got {value!r}")
-        if not math.isfinite(number):
+        if not math.isfinite(number) and not (path in _INFINITY_ALLOWED and number == math.inf):
             raise ConfigError(path, f"must be a finite number, got {value!r}")
         return number
     if tp is str:

@@ -11,6 +11,8 @@ all run this same code.
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
 from typing import Any, Mapping, Sequence
 
@@ -22,8 +24,17 @@ from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.coordinator import Coordinator, float_state, mean_metrics, round_metrics
 from fed_dfkd.curriculum import schedules
 from fed_dfkd.data import DatasetInfo
-from fed_dfkd.protocol import ClientUpdate, RoundInstruction
+from fed_dfkd.privacy.client_level import (
+    ClientLedger,
+    ClientLevelPlan,
+    clip_contribution,
+    noise_contribution,
+    plan_client_level,
+    sampled_per_round,
+)
+from fed_dfkd.protocol import ClientUpdate, PrivacySpecData, RoundInstruction
 from fed_dfkd.runtime import resume_key
+from fed_dfkd.seeding import make_rng
 from fed_dfkd.zeroth_order import ZerothOrderGeneratorTrainer, ZerothOrderQuery
 
 
@@ -75,6 +86,7 @@ class FederatedServer:
                 quantize=cfg.distill.quantize_samples,
             )
         self._query: ZerothOrderQuery | None = None
+        self.privacy = FederationPrivacy(cfg)
 
     @property
     def finished(self) -> bool:
@@ -112,6 +124,7 @@ class FederatedServer:
             negative_window_start=schedules.negative_window_start(
                 progress.fraction, width=cu.negative_window, begin=cu.negative_begin, end=cu.negative_end),
             update_dtype=fe.update_dtype, logit_dtype=fe.logit_dtype,
+            privacy=self.privacy.spec,
             # Copies: complete_round changes the live weights in place.
             generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
             student_state=_copy_state(c.student) if mode == "generator_and_logits" else {},
@@ -131,14 +144,21 @@ class FederatedServer:
         c, cfg = self.coordinator, self.cfg
         r, progress = c.round, c.progress
         weights = [float(max(u.report.train_size, 1)) for u in updates]
+        central = self.privacy.central_aggregate(updates, round_index=r)
         if cfg.federation.mode == "generator_and_logits":
             deltas = [u.generator_delta for u in updates if u.generator_delta is not None]
-            if len(deltas) == len(updates):
+            if central is not None and central[0] is not None:
+                c.apply_generator_update(central[0])
+            elif central is None and len(deltas) == len(updates):
                 c.apply_generator_update(
                     aggregate_updates(deltas, rule=cfg.federation.update_aggregation, weights=weights))
-        logits = torch.stack([u.logits.float() for u in updates])
-        # Every rule aggregates row by row, so the query rows can be split off afterwards.
-        answers = aggregate_logits(logits, rule=cfg.distill.ensemble, weights=teacher_weights(updates))
+        if central is not None:
+            answers = central[1]
+        else:
+            logits = torch.stack([u.logits.float() for u in updates])
+            # Every rule aggregates row by row, so the query rows can be split off afterwards.
+            answers = aggregate_logits(logits, rule=cfg.distill.ensemble,
+                                       weights=teacher_weights(updates))
         labelled = samples.shape[0] * samples.shape[1]
         targets = answers[:labelled]
         synthesis = mean_metrics([u.report.metrics for u in updates])
@@ -156,20 +176,155 @@ class FederatedServer:
             self._query = None
         student = c.train_student(samples, targets)
         c.end_round()
-        return round_metrics(r, progress, synthesis=synthesis, student=student,
-                             seconds=time.perf_counter() - started if started else 0.0)
+        metrics = round_metrics(r, progress, synthesis=synthesis, student=student,
+                                seconds=time.perf_counter() - started if started else 0.0)
+        metrics.update(self.privacy.end_round(updates, round_index=r))
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"coordinator": self.coordinator.state_dict()}
+        state: dict[str, Any] = {"coordinator": self.coordinator.state_dict(),
+                                 "privacy": self.privacy.state_dict()}
         if self.zeroth_order is not None:
             state["zeroth_order"] = self.zeroth_order.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.coordinator.load_state_dict(state["coordinator"])
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+        elif self.privacy.level != "none" and self.coordinator.round:
+            raise ValueError("the checkpoint has no privacy ledger; resuming would forget the "
+                             "privacy already spent")
         if self.zeroth_order is not None:
             if "zeroth_order" not in state:
                 raise ValueError("the checkpoint has no zeroth-order generator state (G's server "
                                  "optimizer), which mode logits_only needs to resume")
             self.zeroth_order.load_state_dict(state["zeroth_order"])
         self._query = None
+
+
+class FederationPrivacy:
+    """The server's side of the privacy model (DESIGN.md §4) for one run.
+
+    * ``record``: every teacher is DP-SGD-trained; the clients report their teachers' ε, the
+      federation's is the worst client's.
+    * ``client``/``central``: the server clips each reply (ΔG to C_g, logit rows to C_l), sums,
+      adds Gaussian noise from a secret seed and divides by the m clients it samples; its
+      accountant records (σ/√r, q = m/K) every completed round.
+    * ``client``/``local``: the clients noise their own releases; the server keeps the ε each
+      one reports, the federation's is the worst client's.
+
+    ``per_client`` maps partition id to the last cumulative ε that owner reported (central: the
+    federation's ε for every owner that took part).
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        pr = cfg.privacy
+        self.level = pr.level
+        self.delta = pr.delta
+        self.accountant_name = pr.accountant
+        self.plan: ClientLevelPlan | None = plan_client_level(cfg) if pr.level == "client" else None
+        self.sampled = sampled_per_round(num_clients=cfg.federation.num_clients,
+                                         sample_rate=cfg.federation.sample_rate)
+        self.ledger: ClientLedger | None = None
+        if self.plan is not None and self.plan.mechanism == "central":
+            self.ledger = ClientLedger(accountant=pr.accountant, delta=pr.delta,
+                                       epsilon_max=math.inf)
+        # The central noise must be unpredictable to the clients, who see every new G and S.
+        self.noise_seed = secrets.randbits(62) if self.ledger is not None else 0
+        self.per_client: dict[int, float] = {}
+        self.epsilon: float | None = None
+
+    @property
+    def mechanism(self) -> str | None:
+        return None if self.plan is None else self.plan.mechanism
+
+    @property
+    def spec(self) -> PrivacySpecData | None:
+        plan = self.plan
+        if plan is None:
+            return None
+        return PrivacySpecData(level=plan.mechanism, generator_clip=plan.generator_clip,
+                               logit_clip=plan.logit_clip, noise_multiplier=plan.noise_multiplier,
+                               delta=plan.delta)
+
+    def central_aggregate(
+        self, updates: Sequence[ClientUpdate], *, round_index: int
+    ) -> tuple[dict[str, Tensor] | None, Tensor] | None:
+        """(ΔG, logits) = (Σ clipped + noise) / m in central mode; None otherwise."""
+        plan = self.plan
+        if plan is None or plan.mechanism != "central":
+            return None
+        delta_sum: dict[str, Tensor] | None = None
+        logit_sum: Tensor | None = None
+        with_delta = all(u.generator_delta is not None for u in updates)
+        for update in updates:
+            delta, logits = clip_contribution(
+                update.generator_delta if with_delta else None, update.logits,
+                generator_clip=plan.generator_clip, logit_clip=plan.logit_clip)
+            logit_sum = logits if logit_sum is None else logit_sum + logits
+            if delta is not None:
+                delta_sum = delta if delta_sum is None else {k: delta_sum[k] + v for k, v in delta.items()}
+        assert logit_sum is not None
+        rng = make_rng(self.noise_seed, "central-dp-noise", round_index)
+        delta_sum, logit_sum = noise_contribution(
+            delta_sum, logit_sum, noise_multiplier=plan.noise_multiplier,
+            generator_clip=plan.generator_clip, logit_clip=plan.logit_clip, rng=rng)
+        # Divided by the planned m, not the number of replies: the count of who answered is
+        # not released (dropped replies shrink the aggregate instead).
+        scale = 1.0 / self.sampled
+        mean_delta = None if delta_sum is None else {k: v * scale for k, v in delta_sum.items()}
+        return mean_delta, logit_sum * scale
+
+    def end_round(self, updates: Sequence[ClientUpdate], *, round_index: int) -> dict[str, Any]:
+        """Account the completed round; the metrics it adds (``epsilon`` and ``delta``)."""
+        if self.level == "none":
+            return {}
+        if self.ledger is not None and self.plan is not None:
+            self.epsilon = self.ledger.spend_round(
+                round_index, noise_multiplier=self.plan.accounted_noise,
+                sample_rate=self.plan.sample_rate, every_round=True)
+            for update in updates:
+                self.per_client[update.report.partition_id] = self.epsilon
+            for owner in self.per_client:
+                self.per_client[owner] = self.epsilon
+        else:
+            for update in updates:
+                if update.report.epsilon is not None:
+                    self.per_client[update.report.partition_id] = float(update.report.epsilon)
+            self.epsilon = max(self.per_client.values()) if self.per_client else None
+        return {"epsilon": self.epsilon, "delta": self.delta}
+
+    def report(self) -> dict[str, Any]:
+        """The report's privacy keys (issue 4): level, ε, δ, accountant, per-client ε."""
+        if self.level == "none":
+            return {"privacy_level": "none", "epsilon": None, "delta": None, "accountant": None,
+                    "per_client_epsilon": {}}
+        plan = self.plan
+        return {
+            "privacy_level": self.level, "privacy_mechanism": self.mechanism,
+            "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant_name,
+            # JSON has no infinity: report.json writes ε = ∞ (σ = 0) as null, and says so here.
+            "epsilon_infinite": self.epsilon is not None and math.isinf(self.epsilon),
+            "per_client_epsilon": {str(k): v for k, v in sorted(self.per_client.items())},
+            "noise_multiplier": None if plan is None else plan.noise_multiplier,
+            "epsilon_max": None if plan is None or math.isinf(plan.epsilon_max) else plan.epsilon_max,
+            "secure_rng": False,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ledger": None if self.ledger is None else self.ledger.state_dict(),
+            "noise_seed": self.noise_seed,
+            "per_client": {int(k): float(v) for k, v in self.per_client.items()},
+            "epsilon": self.epsilon,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.ledger is not None:
+            if state.get("ledger") is None:
+                raise ValueError("the checkpoint has no central privacy ledger")
+            self.ledger.load_state_dict(state["ledger"])
+        self.noise_seed = int(state["noise_seed"])
+        self.per_client = {int(k): float(v) for k, v in dict(state["per_client"]).items()}
+        self.epsilon = None if state.get("epsilon") is None else float(state["epsilon"])

@@ -85,6 +85,7 @@ def write_plots(
     ensemble_accuracy: float | None,
     samples: Any = None,
     sample_labels: Sequence[str] | None = None,
+    epsilon_budget: float | None = None,
 ) -> None:
     from fed_dfkd.plots import plot_accuracy, plot_curves, plot_epsilon, save_image_grid
 
@@ -96,7 +97,7 @@ def write_plots(
                         "adversarial weight": "weight_adversarial"},
                     title="Curriculum: what the student is paced on", ylabel="value", xlabel="round")
     if any(r.get("epsilon") is not None for r in history):
-        plot_epsilon(plots_dir / "epsilon.png", list(history))
+        plot_epsilon(plots_dir / "epsilon.png", list(history), epsilon_budget=epsilon_budget)
     if samples is not None:
         save_image_grid(plots_dir / "samples.png", samples, nrow=8,
                         labels=list(sample_labels) if sample_labels is not None else None)

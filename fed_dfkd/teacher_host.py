@@ -17,6 +17,8 @@ explicit: :meth:`state_dict` / :meth:`load_state_dict`, kept by the ClientApp in
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
 from typing import Any, Mapping
 
@@ -27,11 +29,19 @@ from fed_dfkd.coordinator import build_pseudo_generator, build_student, float_st
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
+from fed_dfkd.privacy.client_level import (
+    ClientLedger,
+    ClientLevelPlan,
+    clip_contribution,
+    noise_contribution,
+    plan_client_level,
+)
 from fed_dfkd.privacy.mechanisms import l2_norm
 from fed_dfkd.protocol import (
     PROTOCOL_VERSION,
     ClientReportData,
     ClientUpdate,
+    PrivacySpecData,
     RefusalData,
     RoundInstruction,
 )
@@ -66,6 +76,25 @@ class TeacherHost:
             student_feature_dim=self.student.feature_dim,
             seed=cfg.runtime.seed,
         )
+        # Client-level DP: this owner's own plan (from its own config, never the server's word),
+        # its ledger, and a secret seed for local noise (a seed the server knew would let it
+        # subtract the noise).
+        self.privacy_plan: ClientLevelPlan | None = None
+        self.ledger: ClientLedger | None = None
+        self.noise_seed = secrets.randbits(62)
+        if cfg.privacy.level == "client":
+            self.privacy_plan = plan_client_level(cfg)
+            self.ledger = ClientLedger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+                                       epsilon_max=self.privacy_plan.epsilon_max)
+
+    def expected_privacy(self) -> PrivacySpecData | None:
+        """The round spec's privacy part this host accepts (None: no client-level mechanism)."""
+        plan = self.privacy_plan
+        if plan is None:
+            return None
+        return PrivacySpecData(level=plan.mechanism, generator_clip=plan.generator_clip,
+                               logit_clip=plan.logit_clip, noise_multiplier=plan.noise_multiplier,
+                               delta=plan.delta)
 
     @property
     def partition_id(self) -> int:
@@ -90,7 +119,49 @@ class TeacherHost:
         if instruction.mode == "generator_and_logits" and instruction.method != self.cfg.method.name:
             return refuse("bad_request", f"client runs method {self.cfg.method.name!r}, "
                           f"server asked for {instruction.method!r}")
+        expected = self.expected_privacy()
+        asked = instruction.privacy if instruction.privacy is not None and instruction.privacy.level != "none" else None
+        if asked != expected:
+            return refuse("bad_request", f"the round's privacy mechanism {asked} is not the one this "
+                          f"owner agreed to ({expected})")
         return None
+
+    def _budget_refusal(self, instruction: RoundInstruction) -> RefusalData | None:
+        """A ``budget_exhausted`` refusal when serving would take ε past ε_max."""
+        plan, ledger = self.privacy_plan, self.ledger
+        if plan is None or ledger is None or math.isinf(plan.epsilon_max):
+            return None
+        after = ledger.epsilon_if(instruction.round, noise_multiplier=plan.accounted_noise,
+                                  sample_rate=plan.sample_rate,
+                                  every_round=plan.mechanism == "central")
+        if after <= plan.epsilon_max:
+            return None
+        return RefusalData(
+            round=instruction.round, reason="budget_exhausted",
+            message=f"serving round {instruction.round + 1} would bring ε to {after:.4g} > ε_max "
+                    f"{plan.epsilon_max:g} at δ = {plan.delta:g}",
+            epsilon_spent=float(ledger.epsilon), epsilon_budget=float(plan.epsilon_max))
+
+    def _release(self, instruction: RoundInstruction, delta: dict[str, torch.Tensor] | None,
+                 logits: torch.Tensor) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, float | None]:
+        """Apply this owner's mechanism to its round contribution; (ΔG, logits, cumulative ε)."""
+        plan, ledger = self.privacy_plan, self.ledger
+        if plan is None or ledger is None:
+            record = (self.manifest.privacy or {}) if self.cfg.privacy.level == "record" else {}
+            epsilon = record.get("epsilon")
+            return delta, logits, None if epsilon is None else float(epsilon)
+        if plan.mechanism == "local":
+            delta, logits = clip_contribution(delta, logits, generator_clip=plan.generator_clip,
+                                              logit_clip=plan.logit_clip)
+            rng = make_rng(self.noise_seed, "local-dp-noise", instruction.round)
+            delta, logits = noise_contribution(
+                delta, logits, noise_multiplier=plan.noise_multiplier,
+                generator_clip=plan.generator_clip, logit_clip=plan.logit_clip, rng=rng)
+        # Central mode: the trusted server clips and noises; the owner keeps the same ledger.
+        epsilon = ledger.spend_round(instruction.round, noise_multiplier=plan.accounted_noise,
+                                     sample_rate=plan.sample_rate,
+                                     every_round=plan.mechanism == "central")
+        return delta, logits, epsilon
 
     @torch.no_grad()
     def logits(self, samples: torch.Tensor) -> torch.Tensor:
@@ -99,7 +170,8 @@ class TeacherHost:
         return torch.cat(chunks).float().cpu()
 
     def serve(self, instruction: RoundInstruction) -> ClientUpdate | RefusalData:
-        refusal = self.check(instruction)
+        # The budget is checked here, after the ClientApp loaded this owner's ledger.
+        refusal = self.check(instruction) or self._budget_refusal(instruction)
         if refusal is not None:
             return refusal
         started = time.perf_counter()
@@ -119,26 +191,39 @@ class TeacherHost:
             )
             after = float_state(self.generator)
             delta = {k: (after[k] - before[k]).cpu() for k in before}
-            norm = l2_norm(delta)
             metrics = {"generator_loss": report.loss, **{f"generator_{k}": v for k, v in report.terms.items()}}
+        delta, logits, epsilon = self._release(instruction, delta, logits)
+        norm = l2_norm(delta) if delta is not None else 0.0
+        # Under client-level DP the histogram and the size are the owner's private data.
+        private = self.privacy_plan is not None
         return ClientUpdate(
             generator_delta=delta,
             logits=logits,
             report=ClientReportData(
                 round=instruction.round, partition_id=self.partition_id,
-                train_size=int(self.manifest.train_size),
-                class_histogram=tuple(int(c) for c in self.manifest.class_histogram),
+                train_size=0 if private else int(self.manifest.train_size),
+                class_histogram=() if private else tuple(int(c) for c in self.manifest.class_histogram),
                 metrics=metrics, update_norm=norm, seconds=time.perf_counter() - started,
                 teacher_hash=self.manifest.config_hash,
+                epsilon=epsilon, delta=None if epsilon is None else float(self.cfg.privacy.delta),
             ),
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "synthesizer": self.synthesizer.state_dict(),
         }
+        if self.ledger is not None:
+            state["privacy"] = {"ledger": self.ledger.state_dict(), "noise_seed": self.noise_seed}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.synthesizer.load_state_dict(state["synthesizer"])
+        if self.ledger is not None:
+            if "privacy" not in state:
+                raise ValueError("the stored state has no privacy ledger, which this owner's "
+                                 "client-level budget needs (starting afresh would forget spent ε)")
+            self.ledger.load_state_dict(state["privacy"]["ledger"])
+            self.noise_seed = int(state["privacy"]["noise_seed"])

@@ -417,7 +417,15 @@ class Attempt:
 
 
 class TooFewClients(Exception):
-    """A round had fewer valid replies than ``federation.min_replies`` on every attempt."""
+    """A round had fewer valid replies than ``federation.min_replies`` on every attempt.
+
+    ``budget_exhausted``: every client that could have answered refused because its privacy
+    budget would be exceeded, the planned end of a budgeted run rather than a failure.
+    """
+
+    def __init__(self, message: str, *, budget_exhausted: bool = False) -> None:
+        super().__init__(message)
+        self.budget_exhausted = budget_exhausted
 
 
 class ServerLoop:
@@ -496,6 +504,7 @@ class ServerLoop:
                                outcome)
             elif isinstance(outcome, RefusalData):
                 counts.refusals += 1
+                self.refusal_reasons[outcome.reason] = self.refusal_reasons.get(outcome.reason, 0) + 1
                 logger.warning("round %d: node %d refused (%s): %s", round_index + 1, node,
                                outcome.reason, outcome.message)
             else:
@@ -515,6 +524,7 @@ class ServerLoop:
         content = instruction_to_recorddict(instruction)
         num_samples = int(instruction.samples.shape[0])
         round_counts = Totals()
+        budget_refusals_before = self.refusal_reasons.get("budget_exhausted", 0)
         for attempt in range(ROUND_RETRIES + 1):
             result = self._attempt(content, round_index=round_index, num_samples=num_samples,
                                    attempt=attempt)
@@ -528,7 +538,13 @@ class ServerLoop:
             what = (f"round {round_index + 1}: {valid} valid replies of {result.sampled} sampled "
                     f"(federation.min_replies = {fe.min_replies})")
             if attempt == ROUND_RETRIES:
-                raise TooFewClients(f"too few clients: {what} on each of {ROUND_RETRIES + 1} attempts")
+                reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.refusal_reasons.items()))
+                budget_refusals = self.refusal_reasons.get("budget_exhausted", 0) - budget_refusals_before
+                only_budget = (budget_refusals > 0 and budget_refusals == round_counts.refusals
+                               and not round_counts.rejected_replies and not round_counts.missing_replies)
+                raise TooFewClients(f"too few clients: {what} on each of {ROUND_RETRIES + 1} attempts"
+                                    + (f" (refusals so far: {reasons})" if reasons else ""),
+                                    budget_exhausted=only_budget)
             logger.warning("%s; trying again with another sample (attempt %d of %d)", what,
                            attempt + 2, ROUND_RETRIES + 1)
         metrics = self.server.complete_round(samples, result.updates, started=started)
@@ -573,6 +589,8 @@ class ServerLoop:
                 "rejected_replies": totals.rejected_replies, "refusals": totals.refusals,
                 "missing_replies": totals.missing_replies, "failed_attempts": totals.failed_attempts,
                 "status": self.status, "stop_reason": self.stop_reason,
+                "refusal_reasons": dict(sorted(self.refusal_reasons.items())),
+                **self.server.privacy.report(),
             },
         )
 
@@ -582,6 +600,7 @@ class ServerLoop:
             "history": self.history, "wall_seconds": wall_seconds,
             "resume_key": resume_key(self.cfg), "totals": self.totals.state_dict(),
             "reply_accuracies": dict(self.reply_accuracies),
+            "refusal_reasons": dict(self.refusal_reasons),
             "plot_samples": self.plot_samples, "plot_labels": self.plot_labels,
         }
         if isinstance(self.grid, CheckpointableGrid):
@@ -596,6 +615,7 @@ class ServerLoop:
         self.wall_offset = float(checkpoint["wall_seconds"])
         self.totals = Totals.from_state(checkpoint.get("totals"))
         self.reply_accuracies = dict(checkpoint.get("reply_accuracies") or {})
+        self.refusal_reasons = dict(checkpoint.get("refusal_reasons") or {})
         self.plot_samples = checkpoint.get("plot_samples")
         self.plot_labels = checkpoint.get("plot_labels")
         files = checkpoint.get("client_state_files")
@@ -634,6 +654,7 @@ class ServerLoop:
         self.wall_offset = 0.0
         self.totals = Totals()
         self.reply_accuracies: dict[int, float] = {}
+        self.refusal_reasons: dict[str, int] = {}
         self.plot_samples: torch.Tensor | None = None
         self.plot_labels: list[str] | None = None
         self.status, self.stop_reason = "running", None
@@ -650,8 +671,13 @@ class ServerLoop:
                 try:
                     metrics = self.run_round()
                 except TooFewClients as error:
-                    self.status, self.stop_reason = "stopped", str(error)
-                    logger.error("stopping the federation: %s", error)
+                    if error.budget_exhausted:
+                        self.status = "budget_exhausted"
+                        self.stop_reason = f"the clients' privacy budgets are spent: {error}"
+                        logger.warning("ending the federation: %s", self.stop_reason)
+                    else:
+                        self.status, self.stop_reason = "stopped", str(error)
+                        logger.error("stopping the federation: %s", error)
                     break
                 r = metrics["round"]
                 if r % cfg.distill.eval_every == 0 or r == total:
@@ -666,6 +692,8 @@ class ServerLoop:
                 self.run_dir.write_report(self._report())
                 shown = {k: metrics[k] for k in ("student_accuracy", "replies") if k in metrics}
                 shown.update({k: metrics[k] for k in ("rejected", "refusals", "missing") if metrics[k]})
+                if metrics.get("epsilon") is not None:
+                    shown["epsilon"] = metrics["epsilon"]
                 shown.update(bytes=metrics["bytes"], seconds=metrics["seconds"])
                 bar.update(r, shown)
         if self.status == "running":
@@ -675,7 +703,7 @@ class ServerLoop:
         write_plots(self.run_dir.plots_dir, self.history,
                     teacher_accuracy=final["best_teacher_accuracy"],
                     ensemble_accuracy=final["ensemble_accuracy"], samples=self.plot_samples,
-                    sample_labels=self.plot_labels)
+                    sample_labels=self.plot_labels, epsilon_budget=final.get("epsilon_max"))
         logger.info("federation %s after %d rounds: student accuracy %s, %d bytes up, %d down, "
                     "%d rejected, %d refused", self.status, final["rounds_completed"],
                     _fmt(final["student_accuracy"]), self.totals.bytes_up, self.totals.bytes_down,

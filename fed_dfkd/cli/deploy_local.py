@@ -74,14 +74,15 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     report, outcome = result.report, result.outcome
     run_log = result.logs_dir / "flwr-run.log"
-    if report is None or not outcome.completed or report.get("status") != "completed":
+    finished = ("completed", "budget_exhausted")
+    if report is None or not outcome.completed or report.get("status") not in finished:
         if outcome.run_id is None:
             why = "the run was not started"
         elif outcome.timed_out:
             why = f"run {outcome.run_id} did not finish in time and was stopped"
         else:
             why = f"run {outcome.run_id} ended as {outcome.status or 'unknown'}"
-        if report is not None and report.get("status") != "completed":
+        if report is not None and report.get("status") not in finished:
             why += f"; the server stopped: {report.get('stop_reason')}"
         print(f"fed-dfkd deploy-local: {why}; see {run_log} and the other logs in "
               f"{result.logs_dir}", file=sys.stderr)

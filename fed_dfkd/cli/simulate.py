@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         f"{report['rejected_replies']} rejected replies, {report['wall_seconds']:.1f} s; "
         f"outputs in {out}"
     )
+    if report.get("status") == "budget_exhausted":
+        print(f"federation ended: {report.get('stop_reason')}; {summary}")
+        return 0
     if report.get("status") != "completed":
         print(f"federation stopped: {report.get('stop_reason')}; {summary}")
         return 1
