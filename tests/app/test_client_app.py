@@ -23,7 +23,7 @@ from fed_dfkd.config import load_config
 from fed_dfkd.data import dataset_info
 from fed_dfkd.data.teachers import load_teacher, pretrain_teachers, teacher_path
 from fed_dfkd.federated import FederatedServer
-from fed_dfkd.protocol import ClientUpdate, RefusalData, RoundInstruction
+from fed_dfkd.protocol import ClientUpdate, PrivacySpecData, RefusalData, RoundInstruction
 from fed_dfkd.teacher_host import TeacherHost
 from fed_dfkd.transport import keys
 from fed_dfkd.transport.codec import (
@@ -270,8 +270,12 @@ def test_wrong_protocol_version_is_refused(setup: Setup) -> None:
         ({"samples": torch.zeros(4, 1, 9, 9, dtype=torch.uint8)}, "incompatible_manifest",
          "uint8 [N, 1, 8, 8]"),
         ({"method": "dfad"}, "bad_request", "method"),
+        # A server may not impose (or drop) a privacy mechanism the owner did not agree to.
+        ({"privacy": PrivacySpecData(level="central", generator_clip=1.0, logit_clip=1.0,
+                                     noise_multiplier=0.1, delta=1e-5)},
+         "bad_request", "privacy mechanism"),
     ],
-    ids=["config-hash", "sample-shape", "method"],
+    ids=["config-hash", "sample-shape", "method", "privacy"],
 )
 def test_an_instruction_the_teacher_cannot_serve_is_refused(
     setup: Setup, change: dict[str, Any], reason: str, words: str
