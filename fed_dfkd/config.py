@@ -200,6 +200,14 @@ class FederationConfig:
     update_aggregation: Literal["weighted_mean", "mean", "median", "trimmed_mean"] = "weighted_mean"
     update_dtype: Literal["float32", "float16"] = "float32"
     logit_dtype: Literal["float32", "float16"] = "float16"
+    # Dtype of G's and S's weights sent down each round.
+    state_dtype: Literal["float32", "float16"] = "float32"
+    # pixels: the round's uint8 pseudo-samples travel down; seed: no pixels travel, each client
+    # regenerates them from the G it receives and the round's seeded stream (docs/architecture.md).
+    sample_transport: Literal["pixels", "seed"] = "pixels"
+    # Also serialise, every round, the straightforward float32 exchange of the same round (float32
+    # G, S and images down; float32 ΔG and logits up) and report its bytes next to the real ones.
+    measure_float32_baseline: bool = False
     # A reply whose generator update has a larger L2 norm is dropped (null: no bound).
     max_update_norm: float | None = None
     round_timeout: float = 600.0
@@ -600,6 +608,11 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(fe.zo_batch_size == 0 or fe.zo_batch_size >= 2, "federation.zo_batch_size",
              "must be 0 (no generator training in logits_only) or >= 2 (G runs with batch statistics)")
     _require(fe.zo_directions >= 1, "federation.zo_directions", "must be >= 1")
+    _require(fe.sample_transport == "pixels" or fe.mode == "generator_and_logits",
+             "federation.sample_transport",
+             "seed needs mode generator_and_logits: in logits_only the clients hold no generator")
+    _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
+             "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.
     _require(ZO_SMOOTHING_MIN <= fe.zo_smoothing <= 0.5, "federation.zo_smoothing",
              f"must be in [2/255 = {ZO_SMOOTHING_MIN:.4f}, 0.5]: the RMS change per pixel must span "

@@ -67,11 +67,12 @@ class Coordinator:
     def progress(self) -> Progress:
         return Progress.of_round(self.round, self.total_rounds)
 
-    def draw_samples(self) -> Tensor:
-        """This round's pseudo-batches ``[b, B, C, H, W]`` (uint8 when quantised)."""
+    def draw_samples(self, generator: torch.nn.Module | None = None) -> Tensor:
+        """This round's pseudo-batches ``[b, B, C, H, W]`` (uint8 when quantised), from G or from
+        ``generator`` (a copy of G as the clients receive it), with the round's seeded stream."""
         d = self.cfg.distill
         return draw_pseudo_batches(
-            self.generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
+            generator if generator is not None else self.generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
             rng=make_rng(self.cfg.runtime.seed, "pseudo-batches", self.round, device=self.device),
             quantize=d.quantize_samples,
         )

@@ -87,6 +87,7 @@ class FederatedServer:
             )
         self._query: ZerothOrderQuery | None = None
         self.privacy = FederationPrivacy(cfg)
+        self._wire: torch.nn.Module | None = None
 
     @property
     def finished(self) -> bool:
@@ -104,14 +105,21 @@ class FederatedServer:
         (:meth:`ZerothOrderGeneratorTrainer.plan`); :meth:`complete_round` splits the answers.
         """
         c, cfg = self.coordinator, self.cfg
-        samples = c.draw_samples()
-        wire_samples = samples.flatten(0, 1)
+        fe = cfg.federation
+        if fe.sample_transport == "seed":
+            # The clients regenerate the samples from G as they receive it (cast to the wire
+            # dtype): draw from exactly that, so every party holds the same uint8 tensor.
+            samples = c.draw_samples(self._wire_generator())
+            wire_samples = samples.new_zeros((0, *samples.shape[2:]))
+        else:
+            samples = c.draw_samples()
+            wire_samples = samples.flatten(0, 1)
         self._query = None
         if self.zeroth_order is not None:
             self._query = self.zeroth_order.plan(c.round)
             wire_samples = torch.cat([wire_samples, self._query.samples.to(wire_samples.device)])
         progress = c.progress
-        cu, fe = cfg.curriculum, cfg.federation
+        cu = cfg.curriculum
         mode = fe.mode
         instruction = RoundInstruction(
             round=c.round, total_rounds=c.total_rounds, progress=progress.fraction, mode=mode,
@@ -125,12 +133,26 @@ class FederatedServer:
                 progress.fraction, width=cu.negative_window, begin=cu.negative_begin, end=cu.negative_end),
             update_dtype=fe.update_dtype, logit_dtype=fe.logit_dtype,
             privacy=self.privacy.spec,
+            sample_transport=fe.sample_transport,
+            sample_batches=int(samples.shape[0]) if fe.sample_transport == "seed" else 0,
             # Copies: complete_round changes the live weights in place.
             generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
             student_state=_copy_state(c.student) if mode == "generator_and_logits" else {},
             samples=wire_samples,
         )
         return instruction, samples
+
+    def _wire_generator(self) -> torch.nn.Module:
+        """A copy of G holding its weights as the clients load them (cast to ``state_dtype``)."""
+        from fed_dfkd.coordinator import build_pseudo_generator
+
+        if self._wire is None:
+            self._wire = build_pseudo_generator(self.cfg, self.info).to(self.coordinator.device)
+        dtype = {"float32": torch.float32, "float16": torch.float16}[self.cfg.federation.state_dtype]
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in self.coordinator.generator.state_dict().items()}
+        self._wire.load_state_dict(state)
+        return self._wire
 
     def generator_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in float_state(self.coordinator.generator).items()}
@@ -237,6 +259,8 @@ class FederationPrivacy:
 
     @property
     def mechanism(self) -> str | None:
+        if self.level == "record":
+            return "dp-sgd"
         return None if self.plan is None else self.plan.mechanism
 
     @property

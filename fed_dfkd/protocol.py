@@ -18,6 +18,7 @@ PROTOCOL_VERSION = 1
 
 MODES = ("generator_and_logits", "logits_only")
 TENSOR_DTYPES = ("float32", "float16")
+SAMPLE_TRANSPORTS = ("pixels", "seed")
 PRIVACY_LEVELS = ("none", "central", "local")
 REFUSAL_REASONS = (
     "protocol_mismatch",
@@ -87,6 +88,8 @@ class RoundSpecData:
     privacy: PrivacySpecData | None = None
     update_dtype: str = "float32"
     logit_dtype: str = "float16"
+    sample_transport: str = "pixels"
+    sample_batches: int = 0
 
     def __post_init__(self) -> None:
         for name in ("round", "total_rounds", "generator_steps", "batch_size", "seed"):
@@ -96,6 +99,11 @@ class RoundSpecData:
         _require_choice("mode", self.mode, MODES)
         _require_choice("update_dtype", self.update_dtype, TENSOR_DTYPES)
         _require_choice("logit_dtype", self.logit_dtype, TENSOR_DTYPES)
+        _require_choice("sample_transport", self.sample_transport, SAMPLE_TRANSPORTS)
+        _require_non_negative_int("sample_batches", self.sample_batches)
+        if self.sample_transport == "seed" and (self.sample_batches < 1 or self.mode != "generator_and_logits"):
+            raise ValueError("sample_transport seed needs sample_batches >= 1 and mode "
+                             "generator_and_logits (the client regenerates them from G)")
 
     @property
     def spec(self) -> RoundSpecData:
@@ -118,6 +126,13 @@ class RoundInstruction(RoundSpecData):
     # Tensors have no single truth value, so the inherited field-wise equality cannot apply.
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+    @property
+    def num_samples(self) -> int:
+        """Rows the client answers logits for: the pixels sent, or the batches it regenerates."""
+        if self.sample_transport == "seed":
+            return self.sample_batches * self.batch_size
+        return int(self.samples.shape[0])
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -101,3 +101,27 @@ def write_plots(
     if samples is not None:
         save_image_grid(plots_dir / "samples.png", samples, nrow=8,
                         labels=list(sample_labels) if sample_labels is not None else None)
+
+
+def record_level_privacy(cfg: Any, manifests: Sequence[Any]) -> dict[str, Any]:
+    """The report's privacy keys when the teachers themselves are the DP release (record level).
+
+    Each owner's ε is its DP-SGD teacher's (and its summary release's), fixed before the first
+    round: everything released later is post-processing. The federation's ε is the worst
+    owner's. ``per_client_epsilon`` is keyed by partition id (``central`` for a central teacher).
+    """
+    if cfg.privacy.level != "record":
+        return {"privacy_level": cfg.privacy.level,
+                "epsilon": None, "delta": None, "accountant": None, "per_client_epsilon": {}}
+    per_client = {}
+    for manifest in manifests:
+        privacy = getattr(manifest, "privacy", None) or {}
+        key = "central" if manifest.partition_id is None else str(manifest.partition_id)
+        per_client[key] = float(privacy["epsilon"]) if "epsilon" in privacy else None
+    known = [e for e in per_client.values() if e is not None]
+    return {
+        "privacy_level": "record", "privacy_mechanism": "dp-sgd",
+        "epsilon": max(known) if known else None, "delta": cfg.privacy.delta,
+        "accountant": cfg.privacy.accountant, "per_client_epsilon": per_client,
+        "secure_rng": False,
+    }

@@ -46,7 +46,7 @@ from fed_dfkd.protocol import (
     RoundInstruction,
 )
 from fed_dfkd.runtime import resume_key
-from fed_dfkd.samples import dequantize_images
+from fed_dfkd.samples import dequantize_images, draw_pseudo_batches
 from fed_dfkd.seeding import make_rng
 from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer
 
@@ -175,7 +175,18 @@ class TeacherHost:
         if refusal is not None:
             return refusal
         started = time.perf_counter()
-        logits = self.logits(instruction.samples)
+        if instruction.sample_transport == "seed":
+            # No pixels came: regenerate the round's samples from the G just received, with the
+            # server's seeded stream (FederatedServer.plan_round draws the same ones).
+            self.generator.load_state_dict(instruction.generator_state, strict=False)
+            samples = draw_pseudo_batches(
+                self.generator, num_batches=instruction.sample_batches,
+                batch_size=instruction.batch_size,
+                rng=make_rng(instruction.seed, "pseudo-batches", instruction.round, device=self.device),
+            ).flatten(0, 1)
+        else:
+            samples = instruction.samples
+        logits = self.logits(samples)
         delta = None
         metrics: dict[str, float] = {}
         norm = 0.0

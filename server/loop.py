@@ -50,6 +50,7 @@ ensemble accuracy is ``None``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fed_dfkd.aggregation import aggregate_logits
@@ -69,10 +70,11 @@ from fed_dfkd.evaluation import Evaluator, predict_logits
 from fed_dfkd.federated import FederatedServer, teacher_weights
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.progress import RoundProgress
-from fed_dfkd.protocol import ClientUpdate, RefusalData
+from fed_dfkd.protocol import ClientUpdate, RefusalData, RoundInstruction
 from fed_dfkd.reporting import build_report, write_plots
 from fed_dfkd.runs import RunDirectory
 from fed_dfkd.runtime import resolve_device, resume_key
+from fed_dfkd.samples import as_float_images
 from fed_dfkd.seeding import make_rng
 from fed_dfkd.transport import (
     InvalidMessage,
@@ -81,6 +83,7 @@ from fed_dfkd.transport import (
     make_message,
     recorddict_num_bytes,
     update_from_recorddict,
+    update_to_recorddict,
     validate_update,
 )
 from fed_dfkd.transport.codec import TORCH_DTYPES
@@ -394,6 +397,9 @@ class Totals:
     refusals: int = 0
     missing_replies: int = 0
     failed_attempts: int = 0
+    # federation.measure_float32_baseline: the same rounds as a float32 exchange.
+    baseline_bytes_down: int = 0
+    baseline_bytes_up: int = 0
 
     def add(self, other: "Totals") -> None:
         for name in self.__dataclass_fields__:
@@ -521,8 +527,9 @@ class ServerLoop:
         started = time.perf_counter()
         round_index = self.server.round
         instruction, samples = self.server.plan_round()
-        content = instruction_to_recorddict(instruction)
-        num_samples = int(instruction.samples.shape[0])
+        content = instruction_to_recorddict(instruction, state_dtype=fe.state_dtype)
+        num_samples = instruction.num_samples
+        baseline_down = self._float32_baseline_down(instruction, samples) if fe.measure_float32_baseline else 0
         round_counts = Totals()
         budget_refusals_before = self.refusal_reasons.get("budget_exhausted", 0)
         for attempt in range(ROUND_RETRIES + 1):
@@ -547,6 +554,15 @@ class ServerLoop:
                                     budget_exhausted=only_budget)
             logger.warning("%s; trying again with another sample (attempt %d of %d)", what,
                            attempt + 2, ROUND_RETRIES + 1)
+        if fe.measure_float32_baseline:
+            # The same round as the straightforward float32 exchange, serialised the same way:
+            # what every sampled client would have been sent, what every valid reply would hold.
+            baseline = Totals(
+                baseline_bytes_down=baseline_down * round_counts.messages_sent,
+                baseline_bytes_up=sum(recorddict_num_bytes(update_to_recorddict(
+                    u, update_dtype="float32", logit_dtype="float32")) for u in result.updates))
+            round_counts.add(baseline)
+            self.totals.add(baseline)
         metrics = self.server.complete_round(samples, result.updates, started=started)
         self._keep_plot_samples(samples, result.updates)
         metrics.update({
@@ -556,7 +572,19 @@ class ServerLoop:
             "bytes_up": round_counts.bytes_up, "bytes_down": round_counts.bytes_down,
             "bytes": round_counts.bytes_up + round_counts.bytes_down,
         })
+        if fe.measure_float32_baseline:
+            metrics["baseline_bytes"] = round_counts.baseline_bytes_up + round_counts.baseline_bytes_down
         return metrics
+
+    def _float32_baseline_down(self, instruction: RoundInstruction, samples: torch.Tensor) -> int:
+        """Bytes of this round's instruction with float32 G, S and float32 pixels."""
+        plain = dataclasses.replace(
+            instruction, sample_transport="pixels", sample_batches=0,
+            samples=torch.zeros(0, dtype=torch.uint8))
+        content = instruction_to_recorddict(plain, state_dtype="float32")
+        images = as_float_images(samples.flatten(0, 1)).float()
+        content[keys.SAMPLES_RECORD] = ArrayRecord({keys.SAMPLES_ARRAY: Array(images.cpu().numpy())})
+        return recorddict_num_bytes(content)
 
     def _keep_plot_samples(self, samples: torch.Tensor, updates: Sequence[ClientUpdate]) -> None:
         """The round's first pseudo-batch and the clients' ensemble labels, for samples.png."""
@@ -586,6 +614,10 @@ class ServerLoop:
                 "bytes_up": totals.bytes_up, "bytes_down": totals.bytes_down,
                 "bytes_per_round": moved / rounds if rounds else None,
                 "bytes_per_client_round": moved / totals.messages_sent if totals.messages_sent else None,
+                "state_dtype": cfg.federation.state_dtype, "update_dtype": cfg.federation.update_dtype,
+                "logit_dtype": cfg.federation.logit_dtype,
+                "sample_transport": cfg.federation.sample_transport,
+                **self._baseline_report(moved),
                 "rejected_replies": totals.rejected_replies, "refusals": totals.refusals,
                 "missing_replies": totals.missing_replies, "failed_attempts": totals.failed_attempts,
                 "status": self.status, "stop_reason": self.stop_reason,
@@ -593,6 +625,19 @@ class ServerLoop:
                 **self.server.privacy.report(),
             },
         )
+
+    def _baseline_report(self, moved: int) -> dict[str, Any]:
+        totals = self.totals
+        if not self.cfg.federation.measure_float32_baseline:
+            return {}
+        baseline = totals.baseline_bytes_up + totals.baseline_bytes_down
+        return {
+            "float32_baseline_bytes_up": totals.baseline_bytes_up,
+            "float32_baseline_bytes_down": totals.baseline_bytes_down,
+            "float32_baseline_bytes_per_client_round": (
+                baseline / totals.messages_sent if totals.messages_sent else None),
+            "bytes_reduction_vs_float32": baseline / moved if moved else None,
+        }
 
     def _checkpoint(self, wall_seconds: float) -> None:
         state: dict[str, Any] = {

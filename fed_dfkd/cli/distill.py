@@ -41,10 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from fed_dfkd.errors import UserError
     from fed_dfkd.evaluation import Evaluator
     from fed_dfkd.progress import RoundProgress
-    from fed_dfkd.reporting import build_report, write_plots
+    from fed_dfkd.reporting import build_report, record_level_privacy, write_plots
     from fed_dfkd.runs import RunDirectory
     from fed_dfkd.runtime import resolve_device, resume_key
 
+    if cfg.privacy.level == "client":
+        raise UserError("privacy.level client protects each owner's participation in a federation; "
+                        "`fed-dfkd distill` has no clients: use `fed-dfkd simulate`, or level record")
     device = resolve_device(cfg.runtime)
     run_dir = RunDirectory(out)
     checkpoint = run_dir.load_checkpoint()
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_teachers(teacher_dir, source=source, num_clients=cfg.federation.num_clients,
                            device=device)
     teachers = [model for model, _ in loaded]
+    privacy = record_level_privacy(cfg, [manifest for _, manifest in loaded])
     # Per-class counts: the "weighted" rule uses their sums, "class_weighted" the counts.
     weights = [[float(c) for c in manifest.class_histogram] for _, manifest in loaded]
     engine = CentralDistillation(cfg, teachers, splits.info, teacher_weights=weights, device=device)
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             teacher_accuracies=evaluator.teacher_accuracies,
             ensemble_accuracy=evaluator.ensemble_accuracy,
             extra={"engine": "central", "teacher_source": source, "data_source": splits.source,
-                   "device": str(device)},
+                   "device": str(device), **privacy},
         )
 
     def sample_labels(samples: torch.Tensor) -> list[str]:
@@ -118,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 metrics.update(evaluator.evaluate(engine.student))
             metrics["step"] = r
             metrics["wall_seconds"] = wall_offset + time.perf_counter() - started
+            if privacy["epsilon"] is not None:
+                metrics.update(epsilon=privacy["epsilon"], delta=privacy["delta"])
             history.append(metrics)
             # metrics line first, then the checkpoint: a crash in between leaves an extra line
             # that --resume drops, never a lost round.

@@ -62,6 +62,10 @@ _DTYPE_TO_PROTO = {
     "float32": round_spec_pb2.RoundSpec.FLOAT32,
     "float16": round_spec_pb2.RoundSpec.FLOAT16,
 }
+_TRANSPORT_TO_PROTO = {
+    "pixels": round_spec_pb2.RoundSpec.PIXELS,
+    "seed": round_spec_pb2.RoundSpec.SEED,
+}
 _LEVEL_TO_PROTO = {
     "none": round_spec_pb2.PrivacySpec.NONE,
     "central": round_spec_pb2.PrivacySpec.CENTRAL,
@@ -126,6 +130,8 @@ def round_spec_to_proto(spec: RoundSpecData) -> round_spec_pb2.RoundSpec:
         negative_window_start=spec.negative_window_start,
         update_dtype=_DTYPE_TO_PROTO[spec.update_dtype],
         logit_dtype=_DTYPE_TO_PROTO[spec.logit_dtype],
+        sample_transport=_TRANSPORT_TO_PROTO[spec.sample_transport],
+        sample_batches=spec.sample_batches,
     )
     if spec.privacy is not None:
         message.privacy.CopyFrom(
@@ -171,6 +177,9 @@ def round_spec_from_proto(message: round_spec_pb2.RoundSpec) -> RoundSpecData:
         privacy=privacy,
         update_dtype=_from_enum(_DTYPE_TO_PROTO, message.update_dtype, "round_spec.update_dtype"),
         logit_dtype=_from_enum(_DTYPE_TO_PROTO, message.logit_dtype, "round_spec.logit_dtype"),
+        sample_transport=_from_enum(_TRANSPORT_TO_PROTO, message.sample_transport,
+                                    "round_spec.sample_transport"),
+        sample_batches=message.sample_batches,
     )
 
 

@@ -31,7 +31,7 @@ class PrivacySpec(_message.Message):
     def __init__(self, level: _Optional[_Union[PrivacySpec.Level, str]] = ..., generator_clip: _Optional[float] = ..., logit_clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class RoundSpec(_message.Message):
-    __slots__ = ("protocol_version", "round", "total_rounds", "progress", "mode", "method", "config_hash", "generator_steps", "batch_size", "seed", "adversarial_weight", "negative_window_start", "privacy", "update_dtype", "logit_dtype")
+    __slots__ = ("protocol_version", "round", "total_rounds", "progress", "mode", "method", "config_hash", "generator_steps", "batch_size", "seed", "adversarial_weight", "negative_window_start", "privacy", "update_dtype", "logit_dtype", "sample_transport", "sample_batches")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[RoundSpec.Mode]
@@ -48,6 +48,14 @@ class RoundSpec(_message.Message):
     TENSOR_DTYPE_UNSPECIFIED: RoundSpec.TensorDtype
     FLOAT32: RoundSpec.TensorDtype
     FLOAT16: RoundSpec.TensorDtype
+    class SampleTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SAMPLE_TRANSPORT_UNSPECIFIED: _ClassVar[RoundSpec.SampleTransport]
+        PIXELS: _ClassVar[RoundSpec.SampleTransport]
+        SEED: _ClassVar[RoundSpec.SampleTransport]
+    SAMPLE_TRANSPORT_UNSPECIFIED: RoundSpec.SampleTransport
+    PIXELS: RoundSpec.SampleTransport
+    SEED: RoundSpec.SampleTransport
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +71,8 @@ class RoundSpec(_message.Message):
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LOGIT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     total_rounds: int
@@ -78,4 +88,6 @@ class RoundSpec(_message.Message):
     privacy: PrivacySpec
     update_dtype: RoundSpec.TensorDtype
     logit_dtype: RoundSpec.TensorDtype
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., progress: _Optional[float] = ..., mode: _Optional[_Union[RoundSpec.Mode, str]] = ..., method: _Optional[str] = ..., config_hash: _Optional[str] = ..., generator_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., adversarial_weight: _Optional[float] = ..., negative_window_start: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ..., update_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., logit_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ...) -> None: ...
+    sample_transport: RoundSpec.SampleTransport
+    sample_batches: int
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., progress: _Optional[float] = ..., mode: _Optional[_Union[RoundSpec.Mode, str]] = ..., method: _Optional[str] = ..., config_hash: _Optional[str] = ..., generator_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., adversarial_weight: _Optional[float] = ..., negative_window_start: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ..., update_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., logit_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., sample_transport: _Optional[_Union[RoundSpec.SampleTransport, str]] = ..., sample_batches: _Optional[int] = ...) -> None: ...
