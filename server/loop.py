@@ -609,6 +609,8 @@ class ServerLoop:
             teacher_accuracies=accuracies, ensemble_accuracy=self.reference.ensemble_accuracy,
             extra={
                 "engine": self.settings.engine, "mode": cfg.federation.mode,
+                # The pretrain folder the owners' teachers came from (fed-dfkd audit reads it).
+                "teachers_dir": None if self.settings.teachers is None else str(self.settings.teachers.resolve()),
                 "sample_rate": cfg.federation.sample_rate, "teacher_source": "clients",
                 "data_source": self.data_source, "device": str(self.device),
                 "bytes_up": totals.bytes_up, "bytes_down": totals.bytes_down,

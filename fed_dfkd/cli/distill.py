@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             teacher_accuracies=evaluator.teacher_accuracies,
             ensemble_accuracy=evaluator.ensemble_accuracy,
             extra={"engine": "central", "teacher_source": source, "data_source": splits.source,
+                   "teachers_dir": str(teacher_dir.resolve()),
                    "device": str(device), **privacy},
         )
 

@@ -16,7 +16,7 @@ from fed_dfkd.errors import UserError
 
 # Module names under fed_dfkd.cli, in the order ``--help`` lists them.
 SUBCOMMANDS = ("validate_config", "pretrain", "distill", "simulate", "certs", "superlink",
-               "supernode", "deploy_local", "privacy")
+               "supernode", "deploy_local", "privacy", "audit")
 
 
 class _Parser(argparse.ArgumentParser):
