@@ -98,6 +98,10 @@ def test_teachers_elsewhere_need_the_override(run_dir, tmp_path, capsys):
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     shutil.move(str(run / "teachers"), str(pretrained / "teachers"))
+    # The copied report names the original folder: point it at the copy, whose teachers moved.
+    report = json.loads((run / "report.json").read_text())
+    report["teachers_dir"] = str(run)
+    (run / "report.json").write_text(json.dumps(report))
     capsys.readouterr()
     assert main(["audit", "--run", str(run), "--max-examples", "20"]) == 2
     err = capsys.readouterr().err
@@ -108,6 +112,11 @@ def test_teachers_elsewhere_need_the_override(run_dir, tmp_path, capsys):
     audit = json.loads((run / "audit.json").read_text())
     assert audit["teachers_dir"] == str(pretrained)
     assert list(audit["targets"]) == list(TARGETS)
+    # Recorded in the report, the folder needs no override.
+    report["teachers_dir"] = str(pretrained)
+    (run / "report.json").write_text(json.dumps(report))
+    assert main(["audit", "--run", str(run), "--max-examples", "20"]) == 0
+    assert json.loads((run / "audit.json").read_text())["teachers_dir"] == str(pretrained)
 
 
 def test_missing_run_folder_is_one_line_exit_2(tmp_path, capsys):
