@@ -265,12 +265,7 @@ class FederationPrivacy:
 
     @property
     def spec(self) -> PrivacySpecData | None:
-        plan = self.plan
-        if plan is None:
-            return None
-        return PrivacySpecData(level=plan.mechanism, generator_clip=plan.generator_clip,
-                               logit_clip=plan.logit_clip, noise_multiplier=plan.noise_multiplier,
-                               delta=plan.delta)
+        return None if self.plan is None else self.plan.round_spec()
 
     def central_aggregate(
         self, updates: Sequence[ClientUpdate], *, round_index: int

@@ -89,12 +89,7 @@ class TeacherHost:
 
     def expected_privacy(self) -> PrivacySpecData | None:
         """The round spec's privacy part this host accepts (None: no client-level mechanism)."""
-        plan = self.privacy_plan
-        if plan is None:
-            return None
-        return PrivacySpecData(level=plan.mechanism, generator_clip=plan.generator_clip,
-                               logit_clip=plan.logit_clip, noise_multiplier=plan.noise_multiplier,
-                               delta=plan.delta)
+        return None if self.privacy_plan is None else self.privacy_plan.round_spec()
 
     @property
     def partition_id(self) -> int:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fed_dfkd.privacy.accountants import accountant_epsilon, make_accountant, noise_multiplier_for
 from fed_dfkd.privacy.mechanisms import clip_by_l2, clip_rows, gaussian_noise_like
+from fed_dfkd.protocol import PrivacySpecData
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,12 @@ class ClientLevelPlan:
     @property
     def accounted_noise(self) -> float:
         return self.noise_multiplier / math.sqrt(self.releases_per_round)
+
+    def round_spec(self) -> PrivacySpecData:
+        """The ``RoundSpec.privacy`` that carries this plan to the clients."""
+        return PrivacySpecData(level=self.mechanism, generator_clip=self.generator_clip,
+                               logit_clip=self.logit_clip, noise_multiplier=self.noise_multiplier,
+                               delta=self.delta)
 
     def planned_epsilon(self) -> float:
         """ε at δ after the planned releases (∞ with σ = 0)."""

@@ -16,6 +16,24 @@ TIMING_KEYS = {"seconds", "wall_seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def tiny(*, rounds: int = 2, clients: int | None = 3, batch_size: int = 32) -> list[str]:
+    """Overrides that shrink the quickstart to a federation of about a second: ``rounds`` rounds
+    of one generator and two student steps, 2-epoch teachers (``clients=None`` keeps the
+    config's number of clients)."""
+    overrides = [
+        f"federation.rounds={rounds}",
+        "distill.student_steps=2",
+        "method.generator_steps=1",
+        "models.pretrain.epochs=2",
+        f"distill.batch_size={batch_size}",
+        "method.negative_bank_size=64",
+        "runtime.progress=none",
+    ]
+    if clients is not None:
+        overrides.append(f"federation.num_clients={clients}")
+    return overrides
+
+
 def set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 

@@ -18,20 +18,13 @@ import torch
 
 import server.loop as loop
 from fed_dfkd.cli.main import main
-from runhelpers import PNG_MAGIC, QUICKSTART, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import PNG_MAGIC, QUICKSTART, load_checkpoint, read_metrics, read_report, set_args, tiny
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 3
 FAST = [
-    f"federation.rounds={ROUNDS}",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-    "federation.num_clients=3",
+    *tiny(rounds=ROUNDS),
     # Client-level DP keeps histograms and sizes private: plain means.
     "distill.ensemble=mean",
     "federation.update_aggregation=mean",

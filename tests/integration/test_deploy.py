@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from fed_dfkd.cli.main import main
+from runhelpers import tiny
 from fed_dfkd.engine.deploy import (
     LOOPBACK,
     LocalDeployment,
@@ -50,15 +51,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-TINY = [
-    "federation.rounds=2",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-]
+TINY = tiny(clients=None)
 #: SuperNodes log this when a round's message reaches them (Flower 1.41).
 RECEIVED = re.compile(r"Receiving: train\.distill message")
 

@@ -18,19 +18,12 @@ from pathlib import Path
 import pytest
 
 from fed_dfkd.cli.main import main
-from runhelpers import PNG_MAGIC, QUICKSTART, read_report, set_args
+from runhelpers import PNG_MAGIC, QUICKSTART, read_report, set_args, tiny
 
 pytestmark = pytest.mark.integration
 
 FAST = [
-    "federation.rounds=2",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-    "federation.num_clients=3",
+    *tiny(),
     "runtime.threads=1",
 ]
 TARGET = 4.0

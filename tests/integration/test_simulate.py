@@ -25,21 +25,12 @@ import server.loop as loop
 from fed_dfkd.cli.main import main
 from fed_dfkd.protocol import ClientUpdate
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
-from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, tiny
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 3
-FAST = [
-    f"federation.rounds={ROUNDS}",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-    "federation.num_clients=3",
-]
+FAST = tiny(rounds=ROUNDS)
 FEDERATION_REPORT_KEYS = ("mode", "engine", "sample_rate", "bytes_up", "bytes_down",
                           "bytes_per_round", "rejected_replies", "refusals")
 HISTORY_KEYS = ("round", "student_accuracy", "replies", "bytes", "seconds")

@@ -24,22 +24,14 @@ from fed_dfkd.data.teachers import load_teacher, teacher_path
 from fed_dfkd.engine.inprocess import run_inprocess
 from fed_dfkd.transport import check_payload_keys, keys
 from server.loop import ServerSettings
+from runhelpers import tiny
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ROUNDS, CLIENTS = 2, 3
-FAST = [
-    f"federation.rounds={ROUNDS}",
-    f"federation.num_clients={CLIENTS}",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-]
+FAST = tiny(rounds=ROUNDS, clients=CLIENTS)
 
 
 def arrays(message: Message) -> list[tuple[str, str, np.ndarray]]:

@@ -17,20 +17,11 @@ from fed_dfkd.cli.main import main
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data import dataset_info
-from runhelpers import QUICKSTART, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import QUICKSTART, load_checkpoint, read_metrics, read_report, set_args, tiny
 
 pytestmark = pytest.mark.integration
 
-FAST = [
-    "federation.rounds=2",
-    "distill.student_steps=2",
-    "method.generator_steps=1",
-    "models.pretrain.epochs=2",
-    "distill.batch_size=32",
-    "method.negative_bank_size=64",
-    "runtime.progress=none",
-    "federation.num_clients=3",
-]
+FAST = tiny()
 
 
 def simulate(out: Path, teachers: Path, *overrides: str) -> dict:
