@@ -65,7 +65,9 @@ from client.state import (
     decode_state,
     encode_state,
     read_host_state,
+    read_owner_ledger,
     write_host_state,
+    write_owner_ledger,
 )
 
 logger = logging.getLogger("fed_dfkd.client")
@@ -82,6 +84,9 @@ NODE_TEACHER_PATH_KEY = "teacher-path"
 NODE_TEACHERS_DIR_KEY = "teachers-dir"
 NODE_PARTITION_ID_KEY = "partition-id"
 NODE_DEVICE_KEY = "device"
+#: Folder of the owners' privacy ledgers (node config wins over run config); by default the
+#: ledger sits next to the teacher file, so it outlives runs, SuperNodes and servers.
+LEDGER_DIR_KEY = "ledger-dir"
 
 GENERATOR_AND_LOGITS = "generator_and_logits"
 LOGITS_ONLY = "logits_only"
@@ -103,6 +108,7 @@ class _HostEntry:
     initial_state: bytes
     host_key: str
     manifest: TeacherManifestData
+    teacher_file: Path
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -247,6 +253,7 @@ def _build_entry(
         initial_state=encode_state(host.state_dict()),
         host_key=f"{host.config_key}/{manifest.config_hash}/{manifest.name}",
         manifest=manifest_data(manifest),
+        teacher_file=teacher_file,
     )
 
 
@@ -340,6 +347,15 @@ def _start_state(
     )
 
 
+def ledger_path(context: Context, entry: _HostEntry) -> Path:
+    """Where this owner's privacy ledger lives (see :data:`LEDGER_DIR_KEY`)."""
+    folder = context.node_config.get(LEDGER_DIR_KEY) or context.run_config.get(LEDGER_DIR_KEY)
+    name = f"{entry.host.manifest.name}.ledger.json"
+    if isinstance(folder, str) and folder.strip():
+        return Path(folder.strip()).expanduser() / name
+    return entry.teacher_file.parent / name
+
+
 def _serve_round(
     entry: _HostEntry, instruction: RoundInstruction, context: Context
 ) -> ClientUpdate | RefusalData:
@@ -361,7 +377,20 @@ def _serve_round(
         raise ClientSetupError(
             "internal_error", f"stored state cannot be loaded ({type(error).__name__}: {error})"
         ) from error
+    ledger_file = ledger_path(context, entry) if host.ledger is not None else None
+    if ledger_file is not None:
+        # The file, not Context.state, is the truth: it survives a new run id after a server
+        # restart, a restarted SuperNode, and the owner's other runs.
+        try:
+            kept = read_owner_ledger(ledger_file)
+            if kept is not None:
+                host.ledger.load_state_dict(kept)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ClientSetupError("internal_error", f"privacy ledger {ledger_file}: {error}") from error
     result = host.serve(instruction)
+    if isinstance(result, ClientUpdate) and ledger_file is not None:
+        # Written before the reply leaves: a release is never made without being recorded.
+        write_owner_ledger(ledger_file, host.ledger.state_dict())
     if isinstance(result, ClientUpdate):
         write_host_state(
             context.state,

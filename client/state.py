@@ -14,7 +14,9 @@ exactly the same start and gets the same answer.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -99,3 +101,32 @@ def write_host_state(context_state: RecordDict, stored: StoredHostState) -> None
             _HOST_KEY: stored.host_key,
         }
     )
+
+
+# --- the owner's privacy ledger -------------------------------------------------------------------
+
+
+def read_owner_ledger(path: Path) -> dict[str, Any] | None:
+    """The owner's ledger state kept in ``path`` (JSON), or None when there is none yet.
+
+    A file that is there but unreadable raises ``ValueError``: starting a fresh ledger would
+    forget the privacy already spent.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"privacy ledger {path} is damaged: {error}") from error
+    if not isinstance(state, dict) or "runs" not in state:
+        raise ValueError(f"privacy ledger {path} is not a ledger (no 'runs')")
+    return state
+
+
+def write_owner_ledger(path: Path, state: Mapping[str, Any]) -> None:
+    """Replace the ledger in ``path`` atomically (a crash leaves the old or the new one)."""
+    from fed_dfkd.runs import atomic_write_json
+
+    atomic_write_json(path, dict(state))

@@ -88,6 +88,9 @@ class FederatedServer:
         self._query: ZerothOrderQuery | None = None
         self.privacy = FederationPrivacy(cfg)
         self._wire: torch.nn.Module | None = None
+        # Names this run for the owners' ledgers; kept in the checkpoint, so a resumed server is
+        # the same run to them (its rounds are not charged twice).
+        self.run_key = secrets.token_hex(8)
 
     @property
     def finished(self) -> bool:
@@ -133,7 +136,7 @@ class FederatedServer:
                 progress.fraction, width=cu.negative_window, begin=cu.negative_begin, end=cu.negative_end),
             update_dtype=fe.update_dtype, logit_dtype=fe.logit_dtype,
             privacy=self.privacy.spec,
-            sample_transport=fe.sample_transport,
+            sample_transport=fe.sample_transport, run_key=self.run_key,
             sample_batches=int(samples.shape[0]) if fe.sample_transport == "seed" else 0,
             # Copies: complete_round changes the live weights in place.
             generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
@@ -205,13 +208,15 @@ class FederatedServer:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"coordinator": self.coordinator.state_dict(),
-                                 "privacy": self.privacy.state_dict()}
+                                 "privacy": self.privacy.state_dict(), "run_key": self.run_key}
         if self.zeroth_order is not None:
             state["zeroth_order"] = self.zeroth_order.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.coordinator.load_state_dict(state["coordinator"])
+        if "run_key" in state:
+            self.run_key = str(state["run_key"])
         if "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
         elif self.privacy.level != "none" and self.coordinator.round:

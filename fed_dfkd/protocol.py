@@ -90,6 +90,7 @@ class RoundSpecData:
     logit_dtype: str = "float16"
     sample_transport: str = "pixels"
     sample_batches: int = 0
+    run_key: str = ""
 
     def __post_init__(self) -> None:
         for name in ("round", "total_rounds", "generator_steps", "batch_size", "seed"):

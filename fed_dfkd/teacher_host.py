@@ -18,7 +18,6 @@ explicit: :meth:`state_dict` / :meth:`load_state_dict`, kept by the ClientApp in
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from typing import Any, Mapping
 
@@ -30,8 +29,8 @@ from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
 from fed_dfkd.privacy.client_level import (
-    ClientLedger,
     ClientLevelPlan,
+    OwnerLedger,
     clip_contribution,
     noise_contribution,
     plan_client_level,
@@ -80,12 +79,11 @@ class TeacherHost:
         # its ledger, and a secret seed for local noise (a seed the server knew would let it
         # subtract the noise).
         self.privacy_plan: ClientLevelPlan | None = None
-        self.ledger: ClientLedger | None = None
-        self.noise_seed = secrets.randbits(62)
+        self.ledger: OwnerLedger | None = None
         if cfg.privacy.level == "client":
             self.privacy_plan = plan_client_level(cfg)
-            self.ledger = ClientLedger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
-                                       epsilon_max=self.privacy_plan.epsilon_max)
+            self.ledger = OwnerLedger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+                                      epsilon_max=self.privacy_plan.epsilon_max)
 
     def expected_privacy(self) -> PrivacySpecData | None:
         """The round spec's privacy part this host accepts (None: no client-level mechanism)."""
@@ -126,7 +124,8 @@ class TeacherHost:
         plan, ledger = self.privacy_plan, self.ledger
         if plan is None or ledger is None or math.isinf(plan.epsilon_max):
             return None
-        after = ledger.epsilon_if(instruction.round, noise_multiplier=plan.accounted_noise,
+        after = ledger.epsilon_if(instruction.run_key, instruction.round,
+                                  noise_multiplier=plan.accounted_noise,
                                   sample_rate=plan.sample_rate,
                                   every_round=plan.mechanism == "central")
         if after <= plan.epsilon_max:
@@ -148,12 +147,14 @@ class TeacherHost:
         if plan.mechanism == "local":
             delta, logits = clip_contribution(delta, logits, generator_clip=plan.generator_clip,
                                               logit_clip=plan.logit_clip)
-            rng = make_rng(self.noise_seed, "local-dp-noise", instruction.round)
+            _, noise_seed = ledger.run(instruction.run_key)
+            rng = make_rng(noise_seed, "local-dp-noise", instruction.round)
             delta, logits = noise_contribution(
                 delta, logits, noise_multiplier=plan.noise_multiplier,
                 generator_clip=plan.generator_clip, logit_clip=plan.logit_clip, rng=rng)
         # Central mode: the trusted server clips and noises; the owner keeps the same ledger.
-        epsilon = ledger.spend_round(instruction.round, noise_multiplier=plan.accounted_noise,
+        epsilon = ledger.spend_round(instruction.run_key, instruction.round,
+                                     noise_multiplier=plan.accounted_noise,
                                      sample_rate=plan.sample_rate,
                                      every_round=plan.mechanism == "central")
         return delta, logits, epsilon
@@ -221,15 +222,14 @@ class TeacherHost:
             "synthesizer": self.synthesizer.state_dict(),
         }
         if self.ledger is not None:
-            state["privacy"] = {"ledger": self.ledger.state_dict(), "noise_seed": self.noise_seed}
+            state["privacy_ledger"] = self.ledger.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.synthesizer.load_state_dict(state["synthesizer"])
         if self.ledger is not None:
-            if "privacy" not in state:
+            if "privacy_ledger" not in state:
                 raise ValueError("the stored state has no privacy ledger, which this owner's "
                                  "client-level budget needs (starting afresh would forget spent ε)")
-            self.ledger.load_state_dict(state["privacy"]["ledger"])
-            self.noise_seed = int(state["privacy"]["noise_seed"])
+            self.ledger.load_state_dict(state["privacy_ledger"])

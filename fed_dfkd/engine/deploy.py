@@ -933,7 +933,9 @@ def deploy_local(
         superlink_port, *node_ports = free_loopback_ports(clients + 1)
         deployment.start_superlink(port=superlink_port)
         for k in range(clients):
-            deployment.start_supernode(k, node_config={"teachers-dir": str(out)}, port=node_ports[k])
+            deployment.start_supernode(
+                k, node_config={"teachers-dir": str(out), "ledger-dir": str(Path(out).resolve() / "ledgers")},
+                port=node_ports[k])
         submitted = deployment.submit(app_dir, run_config)
         if on_submitted is not None:
             on_submitted(deployment)

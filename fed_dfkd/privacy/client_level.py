@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClientLevelPlan",
     "ClientLedger",
+    "OwnerLedger",
     "clip_contribution",
     "noise_contribution",
     "plan_client_level",
@@ -170,6 +171,14 @@ def noise_contribution(
     return delta, noisy_logits
 
 
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def _none_as_inf(value: Any) -> float:
+    return math.inf if value is None else float(value)
+
+
 class ClientLedger:
     """One party's cumulative privacy spend under a budget ε_max, counted once per round.
 
@@ -215,16 +224,108 @@ class ClientLedger:
         return self.epsilon
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain JSON values (ε_max = ∞ is written as null)."""
         return {**self.accountant.state_dict(), "delta": self.delta,
-                "epsilon_max": self.epsilon_max, "rounds_recorded": self.rounds_recorded}
+                "epsilon_max": _finite_or_none(self.epsilon_max),
+                "rounds_recorded": self.rounds_recorded}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key, mine in (("epsilon_max", self.epsilon_max), ("delta", self.delta)):
-            if float(state[key]) != mine:
+            if _none_as_inf(state[key]) != mine:
                 raise ValueError(f"ledger state has {key} = {state[key]}, this run {mine}: a "
                                  "budget that changes across a restart is refused")
         self.accountant.load_state_dict(state)
         self.rounds_recorded = int(state["rounds_recorded"])
+
+
+class OwnerLedger:
+    """An owner's client-level spend over every run it served, under one budget ε_max.
+
+    Each run (a server's ``run_key``, constant across its restarts) has its own
+    :class:`ClientLedger`, which counts each of that run's rounds once, and the secret seed of
+    the owner's local noise in that run (so a round served again releases exactly the same
+    values and costs nothing more). ε is that of all runs' releases composed. The state is plain
+    JSON: the ClientApp keeps it in a file on the owner's side, so it survives the server, the
+    SuperNode and ``Context.state``.
+    """
+
+    def __init__(self, *, accountant: str, delta: float, epsilon_max: float) -> None:
+        self.accountant_name = accountant
+        self.delta = float(delta)
+        self.epsilon_max = float(epsilon_max)
+        self.runs: dict[str, ClientLedger] = {}
+        self.noise_seeds: dict[str, int] = {}
+
+    def run(self, run_key: str) -> tuple[ClientLedger, int]:
+        """The run's ledger and noise seed, created (with a fresh secret seed) on first use."""
+        if run_key not in self.runs:
+            import secrets
+
+            self.runs[run_key] = ClientLedger(accountant=self.accountant_name, delta=self.delta,
+                                              epsilon_max=self.epsilon_max)
+            self.noise_seeds[run_key] = secrets.randbits(62)
+        return self.runs[run_key], self.noise_seeds[run_key]
+
+    def _history(self, extra: tuple[str, ClientLedger] | None = None) -> tuple:
+        entries: list[tuple[float, float, int]] = []
+        for key, ledger in self.runs.items():
+            if extra is not None and key == extra[0]:
+                continue
+            entries.extend(ledger.accountant.history)
+        if extra is not None:
+            entries.extend(extra[1].accountant.history)
+        return tuple(entries)
+
+    @property
+    def epsilon(self) -> float:
+        return accountant_epsilon(self.accountant_name, self._history(), self.delta)
+
+    def epsilon_if(self, run_key: str, round_index: int, *, noise_multiplier: float,
+                   sample_rate: float, every_round: bool) -> float:
+        """Total ε if round ``round_index`` of run ``run_key`` were released (nothing spent)."""
+        ledger = self.runs.get(run_key) or ClientLedger(
+            accountant=self.accountant_name, delta=self.delta, epsilon_max=self.epsilon_max)
+        steps = ledger._steps_for(round_index, every_round=every_round)
+        if steps == 0:
+            return self.epsilon
+        trial = ClientLedger(accountant=self.accountant_name, delta=self.delta,
+                             epsilon_max=self.epsilon_max)
+        trial.load_state_dict(ledger.state_dict())
+        trial.spend_round(round_index, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                          every_round=every_round)
+        return accountant_epsilon(self.accountant_name, self._history((run_key, trial)), self.delta)
+
+    def spend_round(self, run_key: str, round_index: int, *, noise_multiplier: float,
+                    sample_rate: float, every_round: bool) -> float:
+        """Record the round's releases in its run; the new total ε."""
+        ledger, _ = self.run(run_key)
+        ledger.spend_round(round_index, noise_multiplier=noise_multiplier,
+                           sample_rate=sample_rate, every_round=every_round)
+        return self.epsilon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant_name, "delta": self.delta,
+            "epsilon_max": _finite_or_none(self.epsilon_max),
+            "runs": {key: {"ledger": ledger.state_dict(), "noise_seed": self.noise_seeds[key]}
+                     for key, ledger in self.runs.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, mine in (("accountant", self.accountant_name), ("delta", self.delta),
+                          ("epsilon_max", self.epsilon_max)):
+            theirs = state[key] if key == "accountant" else _none_as_inf(state[key])
+            if theirs != mine:
+                raise ValueError(f"the owner's ledger was kept with {key} = {state[key]}, this "
+                                 f"run has {mine}: a ledger is never reinterpreted")
+        runs: dict[str, ClientLedger] = {}
+        seeds: dict[str, int] = {}
+        for key, entry in dict(state["runs"]).items():
+            ledger = ClientLedger(accountant=self.accountant_name, delta=self.delta,
+                                  epsilon_max=self.epsilon_max)
+            ledger.load_state_dict(entry["ledger"])
+            runs[str(key)], seeds[str(key)] = ledger, int(entry["noise_seed"])
+        self.runs, self.noise_seeds = runs, seeds
 
 
 def per_client_max(epsilons: Sequence[float]) -> float | None:

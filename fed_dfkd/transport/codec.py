@@ -132,6 +132,7 @@ def round_spec_to_proto(spec: RoundSpecData) -> round_spec_pb2.RoundSpec:
         logit_dtype=_DTYPE_TO_PROTO[spec.logit_dtype],
         sample_transport=_TRANSPORT_TO_PROTO[spec.sample_transport],
         sample_batches=spec.sample_batches,
+        run_key=spec.run_key,
     )
     if spec.privacy is not None:
         message.privacy.CopyFrom(
@@ -180,6 +181,7 @@ def round_spec_from_proto(message: round_spec_pb2.RoundSpec) -> RoundSpecData:
         sample_transport=_from_enum(_TRANSPORT_TO_PROTO, message.sample_transport,
                                     "round_spec.sample_transport"),
         sample_batches=message.sample_batches,
+        run_key=message.run_key,
     )
 
 

@@ -157,3 +157,37 @@ def test_the_ledger_survives_a_server_restart(tmp_path, teachers, monkeypatch, c
     if mechanism == "central":
         ledger = load_checkpoint(out)["server"]["privacy"]["ledger"]
         assert ledger["steps"] == [ROUNDS] and ledger["rounds_recorded"] == ROUNDS
+
+
+def test_owners_that_lost_their_context_state_still_charge_nothing_twice(tmp_path, teachers, monkeypatch, capsys):
+    """A deployment's server restart starts a new Flower run: Context.state is empty again. The
+    owners' ledger files (here OUT/ledgers) carry the spend and the run's noise seeds."""
+    import json
+
+    dp = [*LOCAL, "privacy.noise_multiplier=1.5"]
+    whole = tmp_path / "whole"
+    assert simulate(whole, teachers, *dp) == 0
+    out = tmp_path / "restarted"
+    original = loop.ServerLoop.run_round
+
+    def stopped_at_round_three(self):
+        if self.server.round == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
+    assert simulate(out, teachers, *dp) == 130
+    monkeypatch.setattr(loop.ServerLoop, "run_round", original)
+    # The clients come back with nothing: no Context.state restored from the checkpoint.
+    monkeypatch.setattr(loop.NodeStateStore, "load", lambda self, grid, files: None)
+    from client.app import clear_host_cache
+
+    clear_host_cache()
+    capsys.readouterr()
+    assert simulate(out, teachers, *dp, resume=True) == 0
+    assert read_report(out)["per_client_epsilon"] == pytest.approx(
+        read_report(whole)["per_client_epsilon"], rel=1e-12)
+    for k in range(3):
+        kept = json.loads((out / "ledgers" / f"client_{k}.ledger.json").read_text())
+        (run,) = kept["runs"].values()  # one run, across the restart
+        assert run["ledger"]["steps"] == [ROUNDS] and run["ledger"]["rounds_recorded"] == ROUNDS

@@ -159,6 +159,7 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
     monkeypatch.undo()
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     assert load_checkpoint(out)["round"] == 2
+    run_key = load_checkpoint(out)["server"]["run_key"]
 
     calls = {"count": 0}
 
@@ -172,6 +173,8 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
 
     resumed, uninterrupted = load_checkpoint(out), load_checkpoint(completed_run)
     # G, S, the student's optimizer and curriculum, and every client's local state: bit-exact.
+    # The same run to its owners (their ledgers), a different run from the uninterrupted one.
+    assert resumed["server"].pop("run_key") == run_key != uninterrupted["server"].pop("run_key")
     assert_same_state(resumed["server"], uninterrupted["server"], "server")
     assert_same_state(client_states(out), client_states(completed_run), "client states")
     assert_same_state(resumed["totals"], uninterrupted["totals"], "totals")

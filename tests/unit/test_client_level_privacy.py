@@ -128,3 +128,36 @@ def test_the_ledger_round_trips_and_refuses_another_budget():
     other = ClientLedger(accountant="prv", delta=1e-5, epsilon_max=4.0)
     with pytest.raises(ValueError, match="epsilon_max"):
         other.load_state_dict(ledger.state_dict())
+
+
+def test_an_owner_ledger_composes_its_runs_and_counts_each_round_once():
+    import json
+
+    from fed_dfkd.privacy.client_level import OwnerLedger
+
+    owner = OwnerLedger(accountant="rdp", delta=1e-5, epsilon_max=math.inf)
+    for r in (0, 1, 1):  # round 1 served twice (a retry): one release
+        owner.spend_round("run-a", r, noise_multiplier=2.0, sample_rate=1.0, every_round=False)
+    owner.spend_round("run-b", 0, noise_multiplier=2.0, sample_rate=1.0, every_round=False)
+    assert owner.epsilon == accountant_epsilon("rdp", ((2.0, 1.0, 3),), 1e-5)
+    assert owner.epsilon_if("run-a", 1, noise_multiplier=2.0, sample_rate=1.0,
+                            every_round=False) == owner.epsilon
+    assert owner.epsilon_if("run-b", 5, noise_multiplier=2.0, sample_rate=1.0,
+                            every_round=False) == accountant_epsilon("rdp", ((2.0, 1.0, 4),), 1e-5)
+    # Through JSON (the owner's file) and back: the same ledger, the same secret seeds.
+    again = OwnerLedger(accountant="rdp", delta=1e-5, epsilon_max=math.inf)
+    again.load_state_dict(json.loads(json.dumps(owner.state_dict(), allow_nan=False)))
+    assert again.epsilon == owner.epsilon and again.noise_seeds == owner.noise_seeds
+    assert again.run("run-a")[0].rounds_recorded == 2
+    assert owner.noise_seeds["run-a"] != owner.noise_seeds["run-b"]
+
+
+def test_an_owner_ledger_is_never_reinterpreted_under_another_budget():
+    from fed_dfkd.privacy.client_level import OwnerLedger
+
+    owner = OwnerLedger(accountant="rdp", delta=1e-5, epsilon_max=3.0)
+    owner.spend_round("r", 0, noise_multiplier=1.0, sample_rate=1.0, every_round=False)
+    for accountant, delta, budget in (("prv", 1e-5, 3.0), ("rdp", 1e-6, 3.0), ("rdp", 1e-5, 6.0)):
+        with pytest.raises(ValueError, match="never reinterpreted"):
+            OwnerLedger(accountant=accountant, delta=delta, epsilon_max=budget).load_state_dict(
+                owner.state_dict())

@@ -30,7 +30,7 @@ PINNED_FIELD_NUMBERS = {
         "protocol_version": 1, "round": 2, "total_rounds": 3, "progress": 4, "mode": 5,
         "method": 6, "config_hash": 7, "generator_steps": 8, "batch_size": 9, "seed": 10,
         "adversarial_weight": 11, "negative_window_start": 12, "privacy": 13,
-        "update_dtype": 14, "logit_dtype": 15, "sample_transport": 16, "sample_batches": 17,
+        "update_dtype": 14, "logit_dtype": 15, "sample_transport": 16, "sample_batches": 17, "run_key": 18,
     },
     "ClientReport": {
         "protocol_version": 1, "round": 2, "partition_id": 3, "train_size": 4,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fed_dfkd/proto/v1/round_spec.proto\x12\x11\x66\x65\x64_dfkd.proto.v1\"\xd9\x01\n\x0bPrivacySpec\x12\x33\n\x05level\x18\x01 \x01(\x0e\x32$.fed_dfkd.proto.v1.PrivacySpec.Level\x12\x16\n\x0egenerator_clip\x18\x02 \x01(\x01\x12\x12\n\nlogit_clip\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"@\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0b\n\x07\x43\x45NTRAL\x10\x02\x12\t\n\x05LOCAL\x10\x03\"\x93\x06\n\tRoundSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12/\n\x04mode\x18\x05 \x01(\x0e\x32!.fed_dfkd.proto.v1.RoundSpec.Mode\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x07 \x01(\t\x12\x17\n\x0fgenerator_steps\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x1a\n\x12\x61\x64versarial_weight\x18\x0b \x01(\x01\x12\x1d\n\x15negative_window_start\x18\x0c \x01(\x01\x12/\n\x07privacy\x18\r \x01(\x0b\x32\x1e.fed_dfkd.proto.v1.PrivacySpec\x12>\n\x0cupdate_dtype\x18\x0e \x01(\x0e\x32(.fed_dfkd.proto.v1.RoundSpec.TensorDtype\x12=\n\x0blogit_dtype\x18\x0f \x01(\x0e\x32(.fed_dfkd.proto.v1.RoundSpec.TensorDtype\x12\x46\n\x10sample_transport\x18\x10 \x01(\x0e\x32,.fed_dfkd.proto.v1.RoundSpec.SampleTransport\x12\x16\n\x0esample_batches\x18\x11 \x01(\r\"G\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATOR_AND_LOGITS\x10\x01\x12\x0f\n\x0bLOGITS_ONLY\x10\x02\"E\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\"I\n\x0fSampleTransport\x12 \n\x1cSAMPLE_TRANSPORT_UNSPECIFIED\x10\x00\x12\n\n\x06PIXELS\x10\x01\x12\x08\n\x04SEED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fed_dfkd/proto/v1/round_spec.proto\x12\x11\x66\x65\x64_dfkd.proto.v1\"\xd9\x01\n\x0bPrivacySpec\x12\x33\n\x05level\x18\x01 \x01(\x0e\x32$.fed_dfkd.proto.v1.PrivacySpec.Level\x12\x16\n\x0egenerator_clip\x18\x02 \x01(\x01\x12\x12\n\nlogit_clip\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"@\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0b\n\x07\x43\x45NTRAL\x10\x02\x12\t\n\x05LOCAL\x10\x03\"\xa4\x06\n\tRoundSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12/\n\x04mode\x18\x05 \x01(\x0e\x32!.fed_dfkd.proto.v1.RoundSpec.Mode\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x07 \x01(\t\x12\x17\n\x0fgenerator_steps\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x1a\n\x12\x61\x64versarial_weight\x18\x0b \x01(\x01\x12\x1d\n\x15negative_window_start\x18\x0c \x01(\x01\x12/\n\x07privacy\x18\r \x01(\x0b\x32\x1e.fed_dfkd.proto.v1.PrivacySpec\x12>\n\x0cupdate_dtype\x18\x0e \x01(\x0e\x32(.fed_dfkd.proto.v1.RoundSpec.TensorDtype\x12=\n\x0blogit_dtype\x18\x0f \x01(\x0e\x32(.fed_dfkd.proto.v1.RoundSpec.TensorDtype\x12\x46\n\x10sample_transport\x18\x10 \x01(\x0e\x32,.fed_dfkd.proto.v1.RoundSpec.SampleTransport\x12\x16\n\x0esample_batches\x18\x11 \x01(\r\x12\x0f\n\x07run_key\x18\x12 \x01(\t\"G\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATOR_AND_LOGITS\x10\x01\x12\x0f\n\x0bLOGITS_ONLY\x10\x02\"E\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\"I\n\x0fSampleTransport\x12 \n\x1cSAMPLE_TRANSPORT_UNSPECIFIED\x10\x00\x12\n\n\x06PIXELS\x10\x01\x12\x08\n\x04SEED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYSPEC_LEVEL']._serialized_start=211
   _globals['_PRIVACYSPEC_LEVEL']._serialized_end=275
   _globals['_ROUNDSPEC']._serialized_start=278
-  _globals['_ROUNDSPEC']._serialized_end=1065
-  _globals['_ROUNDSPEC_MODE']._serialized_start=848
-  _globals['_ROUNDSPEC_MODE']._serialized_end=919
-  _globals['_ROUNDSPEC_TENSORDTYPE']._serialized_start=921
-  _globals['_ROUNDSPEC_TENSORDTYPE']._serialized_end=990
-  _globals['_ROUNDSPEC_SAMPLETRANSPORT']._serialized_start=992
-  _globals['_ROUNDSPEC_SAMPLETRANSPORT']._serialized_end=1065
+  _globals['_ROUNDSPEC']._serialized_end=1082
+  _globals['_ROUNDSPEC_MODE']._serialized_start=865
+  _globals['_ROUNDSPEC_MODE']._serialized_end=936
+  _globals['_ROUNDSPEC_TENSORDTYPE']._serialized_start=938
+  _globals['_ROUNDSPEC_TENSORDTYPE']._serialized_end=1007
+  _globals['_ROUNDSPEC_SAMPLETRANSPORT']._serialized_start=1009
+  _globals['_ROUNDSPEC_SAMPLETRANSPORT']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ class PrivacySpec(_message.Message):
     def __init__(self, level: _Optional[_Union[PrivacySpec.Level, str]] = ..., generator_clip: _Optional[float] = ..., logit_clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class RoundSpec(_message.Message):
-    __slots__ = ("protocol_version", "round", "total_rounds", "progress", "mode", "method", "config_hash", "generator_steps", "batch_size", "seed", "adversarial_weight", "negative_window_start", "privacy", "update_dtype", "logit_dtype", "sample_transport", "sample_batches")
+    __slots__ = ("protocol_version", "round", "total_rounds", "progress", "mode", "method", "config_hash", "generator_steps", "batch_size", "seed", "adversarial_weight", "negative_window_start", "privacy", "update_dtype", "logit_dtype", "sample_transport", "sample_batches", "run_key")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[RoundSpec.Mode]
@@ -73,6 +73,7 @@ class RoundSpec(_message.Message):
     LOGIT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RUN_KEY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     total_rounds: int
@@ -90,4 +91,5 @@ class RoundSpec(_message.Message):
     logit_dtype: RoundSpec.TensorDtype
     sample_transport: RoundSpec.SampleTransport
     sample_batches: int
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., progress: _Optional[float] = ..., mode: _Optional[_Union[RoundSpec.Mode, str]] = ..., method: _Optional[str] = ..., config_hash: _Optional[str] = ..., generator_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., adversarial_weight: _Optional[float] = ..., negative_window_start: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ..., update_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., logit_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., sample_transport: _Optional[_Union[RoundSpec.SampleTransport, str]] = ..., sample_batches: _Optional[int] = ...) -> None: ...
+    run_key: str
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., progress: _Optional[float] = ..., mode: _Optional[_Union[RoundSpec.Mode, str]] = ..., method: _Optional[str] = ..., config_hash: _Optional[str] = ..., generator_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., adversarial_weight: _Optional[float] = ..., negative_window_start: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ..., update_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., logit_dtype: _Optional[_Union[RoundSpec.TensorDtype, str]] = ..., sample_transport: _Optional[_Union[RoundSpec.SampleTransport, str]] = ..., sample_batches: _Optional[int] = ..., run_key: _Optional[str] = ...) -> None: ...
