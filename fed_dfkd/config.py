@@ -245,8 +245,11 @@ class PrivacyConfig:
     # Record level: DP-SGD (per-sample gradient clip) and the private summary release.
     max_grad_norm: float = 1.0
     summary: bool = True
-    summary_noise_multiplier: float = 20.0
-    summary_clip: float = 10.0
+    # σ_s and clip of the summary release (clip in units where a uniform-noise probe image's
+    # rescaled features have norm about 1; bench/results/privacy_record.md: 5 and 1.5 helped,
+    # 20 and 10 hurt).
+    summary_noise_multiplier: float = 5.0
+    summary_clip: float = 1.5
     # Client level.
     mechanism: Literal["central", "local"] = "central"
     generator_clip: float = 1.0
@@ -634,6 +637,10 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(pr.logit_clip > 0, "privacy.logit_clip", "must be > 0 (inf: no clipping)")
     _require(pr.epsilon_max is None or pr.epsilon_max > 0, "privacy.epsilon_max",
              "must be > 0 or null (null: target_epsilon, or no limit)")
+    if pr.level == "record" and not pr.summary:
+        _require(di.ensemble not in ("weighted", "class_weighted"), "distill.ensemble",
+                 f"{di.ensemble!r} weighs teachers by their class histograms, which a DP teacher "
+                 "releases only through the summary (privacy.summary: true)")
     if pr.level == "client":
         if pr.noise_multiplier:
             _require(math.isfinite(pr.generator_clip) and math.isfinite(pr.logit_clip),

@@ -36,13 +36,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def format_table(manifests: Sequence[TeacherManifest]) -> str:
-    """One row per teacher: name, train size, test accuracy."""
-    rows = [(m.name, str(m.train_size), f"{m.test_accuracy:.4f}") for m in manifests]
-    header = ("teacher", "train size", "test accuracy")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    lines = [f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}"]
-    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    return "\n".join(lines)
+    """One row per teacher: name, train size, test accuracy, and ε for DP teachers.
+
+    A DP teacher's train size is its owner's noisy released count (0: none released); its ε is
+    the total over everything the owner released, at the δ given in the header.
+    """
+    private = [m.privacy for m in manifests if m.privacy is not None]
+    header = ["teacher", "train size", "test accuracy"]
+    if private:
+        deltas = sorted({p["delta"] for p in private})
+        header.append("epsilon (delta " + ", ".join(f"{d:g}" for d in deltas) + ")")
+    rows = []
+    for m in manifests:
+        row = [m.name, str(m.train_size), f"{m.test_accuracy:.4f}"]
+        if private:
+            row.append("-" if m.privacy is None else f"{m.privacy['epsilon']:.3f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [f"{row[0]:<{widths[0]}}"] + [f"{cell:>{width}}" for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join(cells)
+
+    return "\n".join([line(header), *(line(row) for row in rows)])
 
 
 def run(args: argparse.Namespace) -> int:

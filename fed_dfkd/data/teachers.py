@@ -7,14 +7,22 @@ Teachers take images in [0, 1]: the dataset's normalisation is a layer inside th
 
 On disk, under ``OUT/teachers/``::
 
-    client_{k}.pt     {"manifest": dict, "state_dict": NormalizedClassifier state}
+    client_{k}.pt     {"manifest": dict, "state_dict": NormalizedClassifier state,
+                       "feature_statistics": dict (DP teachers with a summary release only)}
     client_{k}.json   the same manifest, readable without torch; the cache key
     central.pt/.json  the central teacher, when asked for
-    partitions.json   every client's partition size and class histogram
+    partitions.json   every client's partition size and class histogram (the simulation's
+                      ground truth, not something an owner releases)
 
 A teacher whose manifest carries the current :func:`teacher_config_hash` is reused instead of
 retrained. Training is plain cross-entropy, min_θ (1/N) Σ_i CE(T_θ(x_i), y_i), over whole
 in-memory tensors (no data-loader workers: indexing a tensor is faster for data this size).
+
+With ``privacy.level: record`` every teacher (the central one too) is trained with DP-SGD
+instead (:mod:`fed_dfkd.privacy.dpsgd`; BatchNorm becomes GroupNorm) and, with
+``privacy.summary``, its owner releases private feature statistics and a noisy class histogram
+(:mod:`fed_dfkd.privacy.feature_statistics`). The manifest then carries the noisy histogram and
+count, never the exact ones, and ``privacy`` holds the owner's ledger and its total ε.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from fed_dfkd.registry import UnknownNameError
 from fed_dfkd.runs import atomic_torch_save, atomic_write_json
 
 __all__ = [
+    "PRIVACY_KEYS",
     "TeacherManifest",
     "teacher_config_hash",
     "teacher_seed",
@@ -79,6 +88,15 @@ class TeacherManifest:
     ``partition_id`` is the owner's index, ``None`` for the central teacher; ``test_accuracy`` is
     a fraction in [0, 1] on the coordinator's test split; ``config_hash`` is
     :func:`teacher_config_hash` of the config it was trained under.
+
+    ``privacy`` is ``None`` for a non-private teacher. For a record-level DP teacher it holds
+    (:data:`PRIVACY_KEYS`) the owner's total ``epsilon`` at ``delta`` by ``accountant`` over
+    everything it releases, DP-SGD's ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``
+    and ``steps``, the ``summary_noise_multiplier`` (``None``: no summary release), and the
+    ledger itself as ``history`` (:meth:`~fed_dfkd.privacy.Accountant.state_dict`). Then
+    ``train_size`` and ``class_histogram`` are the noisy released values (``0`` and ``[]`` when
+    nothing was released) and ``history`` holds only each epoch's number and learning rate:
+    training loss and accuracy are computed from the private records without noise.
     """
 
     architecture: str
@@ -98,6 +116,7 @@ class TeacherManifest:
     created_at: str
     wall_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -116,7 +135,7 @@ class TeacherManifest:
         unknown = sorted(set(raw) - set(names))
         if unknown:
             raise ValueError(f"unknown manifest field(s): {', '.join(map(str, unknown))}")
-        optional = {"history"}
+        optional = {"history", "privacy"}
         missing = [name for name in names if name not in raw and name not in optional]
         if missing:
             raise ValueError(f"manifest is missing field(s): {', '.join(missing)}")
@@ -138,12 +157,46 @@ class TeacherManifest:
         histogram = _expect_list(values["class_histogram"], "class_histogram")
         values["class_histogram"] = [_expect_int(v, "class_histogram") for v in histogram]
         values["history"] = list(_expect_list(values.get("history", []), "history"))
-        if len(values["class_histogram"]) != values["num_classes"]:
+        values["privacy"] = _check_privacy(values.get("privacy"))
+        # A DP teacher whose owner released no summary has no histogram to show.
+        no_histogram = values["privacy"] is not None and not values["class_histogram"]
+        if len(values["class_histogram"]) != values["num_classes"] and not no_histogram:
             raise ValueError(
                 f"class_histogram has {len(values['class_histogram'])} entries, "
                 f"expected num_classes = {values['num_classes']}"
             )
         return cls(**values)
+
+
+#: Keys every DP teacher's ``manifest.privacy`` has (the reports read them).
+PRIVACY_KEYS = (
+    "level", "epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate",
+    "steps", "history", "summary_noise_multiplier", "summary_clip", "dpsgd_epsilon",
+    "target_epsilon", "secure_rng",
+)
+
+
+def _check_privacy(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"manifest field privacy must be a mapping or null, got {raw!r}")
+    missing = [key for key in PRIVACY_KEYS if key not in raw]
+    if missing:
+        raise ValueError(f"manifest field privacy is missing {', '.join(missing)}")
+    values = dict(raw)
+    for key in ("epsilon", "dpsgd_epsilon"):
+        # The JSON copy writes ε = ∞ (no noise) as null.
+        value = values[key]
+        if value is None:
+            values[key] = math.inf
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"manifest field privacy.{key} must be a number, got {value!r}")
+        else:
+            values[key] = float(value)
+    if not isinstance(values["history"], dict):
+        raise ValueError("manifest field privacy.history must be an accountant state (a mapping)")
+    return values
 
 
 def _expect_int(value: Any, name: str) -> int:
@@ -158,25 +211,36 @@ def _expect_list(value: Any, name: str) -> list[Any]:
     return list(value)
 
 
+#: The ``privacy`` fields that shape a record-level DP teacher (and its summary release).
+_RECORD_PRIVACY_FIELDS = (
+    "level", "delta", "accountant", "target_epsilon", "noise_multiplier", "max_grad_norm",
+    "summary", "summary_noise_multiplier", "summary_clip",
+)
+
+
 def teacher_config_hash(cfg: ExperimentConfig) -> str:
     """Hash of exactly the config parts that determine a teacher.
 
     The ``data`` section (but not ``eval_batch_size``, which changes no result),
     ``models.teacher``, ``models.pretrain``, ``federation.num_clients`` (it shapes the
-    partitions) and ``runtime.seed``. Changing anything else (method, distillation, rounds)
-    keeps the cached teachers.
+    partitions) and ``runtime.seed``; with ``privacy.level: record`` also the DP-SGD and summary
+    settings (so a non-DP teacher is never reused for a DP config, nor the other way round).
+    Changing anything else (method, distillation, rounds, client-level privacy) keeps the cached
+    teachers.
     """
     data = config_to_dict(cfg.data)
     data.pop("eval_batch_size")
-    return config_hash(
-        {
-            "data": data,
-            "teacher": cfg.models.teacher,
-            "pretrain": config_to_dict(cfg.models.pretrain),
-            "num_clients": cfg.federation.num_clients,
-            "seed": cfg.runtime.seed,
-        }
-    )
+    payload: dict[str, Any] = {
+        "data": data,
+        "teacher": cfg.models.teacher,
+        "pretrain": config_to_dict(cfg.models.pretrain),
+        "num_clients": cfg.federation.num_clients,
+        "seed": cfg.runtime.seed,
+    }
+    if cfg.privacy.level == "record":
+        # Only then: non-private configs keep the hashes (and caches) they always had.
+        payload["privacy"] = {name: getattr(cfg.privacy, name) for name in _RECORD_PRIVACY_FIELDS}
+    return config_hash(payload)
 
 
 def teacher_seed(seed: int, partition_id: int | None) -> int:
@@ -226,6 +290,13 @@ def _make_optimizer(parameters: Any, config: PretrainConfig) -> torch.optim.Opti
             parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: adam, sgd")
+
+
+def _learning_rate(config: PretrainConfig, step: int, total_steps: int) -> float:
+    """lr at step t of T: constant, or lr·½(1 + cos(π·t/T)) with ``lr_schedule: cosine``."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    return config.lr
 
 
 def _check_images(images: Tensor, labels: Tensor | None = None) -> None:
@@ -282,7 +353,7 @@ def train_classifier(
         loss_sum, correct = 0.0, 0
         for start, end in _batch_bounds(size, config.batch_size):
             if config.lr_schedule == "cosine":
-                lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                lr = _learning_rate(config, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             index = order[start:end]
@@ -400,7 +471,8 @@ def _train_one_teacher(
     partition_id: int | None,
     expected_hash: str,
     device: torch.device,
-) -> tuple[NormalizedClassifier, TeacherManifest]:
+) -> tuple[NormalizedClassifier, TeacherManifest, dict[str, Any] | None]:
+    """Train one teacher; returns it, its manifest and (DP teachers) its feature statistics."""
     info = splits.info
     if indices is None:
         images, labels = splits.train_images, splits.train_labels
@@ -421,15 +493,29 @@ def _train_one_teacher(
             image_size=info.image_size,
         )
     model = NormalizedClassifier(net, info.mean, info.std)
-    history = train_classifier(
-        model, images, labels, config=cfg.models.pretrain, seed=seed, device=device,
-        progress_desc=f"teacher {name}",
-    )
+    statistics: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
+    if cfg.privacy.level == "record":
+        model, history, privacy, statistics = _train_private_teacher(
+            cfg, model, images, labels, seed=seed, device=device, name=name,
+            num_classes=info.num_classes,
+        )
+        if statistics is not None:
+            train_size = max(int(round(statistics["count"])), 0)
+            histogram = list(statistics["class_histogram"])
+        else:
+            train_size, histogram = 0, []  # nothing released: unknown
+    else:
+        history = train_classifier(
+            model, images, labels, config=cfg.models.pretrain, seed=seed, device=device,
+            progress_desc=f"teacher {name}",
+        )
+        train_size = int(labels.shape[0])
+        histogram = torch.bincount(labels, minlength=info.num_classes).tolist()
     test_accuracy = evaluate_accuracy(
         model, splits.test_images, splits.test_labels, batch_size=cfg.data.eval_batch_size
     )
     wall_seconds = time.perf_counter() - started
-    histogram = torch.bincount(labels, minlength=info.num_classes).tolist()
     manifest = TeacherManifest(
         architecture=cfg.models.teacher,
         num_classes=info.num_classes,
@@ -441,21 +527,135 @@ def _train_one_teacher(
         dataset=info.name,
         partition_id=partition_id,
         num_clients=cfg.federation.num_clients,
-        train_size=int(labels.shape[0]),
+        train_size=train_size,
         class_histogram=[int(v) for v in histogram],
         test_accuracy=test_accuracy,
         config_hash=expected_hash,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wall_seconds=round(wall_seconds, 3),
         history=history,
+        privacy=privacy,
     )
-    return model, manifest
+    return model, manifest, statistics
 
 
-def _save_teacher(model: nn.Module, manifest: TeacherManifest, path: Path) -> None:
+def _train_private_teacher(
+    cfg: ExperimentConfig,
+    model: NormalizedClassifier,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    seed: int,
+    device: torch.device,
+    name: str,
+    num_classes: int,
+) -> tuple[NormalizedClassifier, list[dict[str, float]], dict[str, Any], dict[str, Any] | None]:
+    """Record level: DP-SGD, then the summary release, both in one ledger (docs/privacy.md).
+
+    σ is ``privacy.noise_multiplier``, or calibrated so that the ledger's total ε (DP-SGD steps
+    plus the summary release) is ``privacy.target_epsilon``. Returns the trained model, its
+    per-epoch history (epoch and lr only), the manifest's ``privacy`` entry and the feature
+    statistics' state dict (``None`` without ``privacy.summary``).
+    """
+    # Imported here: Opacus is only needed (and only paid for) by private teachers.
+    from fed_dfkd.privacy import (
+        calibrate_noise_multiplier,
+        dp_sgd_sample_rate,
+        make_accountant,
+        make_dp_compatible,
+        release_feature_statistics,
+        train_dp_sgd,
+    )
+    from fed_dfkd.seeding import make_rng
+
+    privacy, pretrain = cfg.privacy, cfg.models.pretrain
+    try:
+        model = make_dp_compatible(model)
+    except ValueError as error:
+        raise UserError(f"models.teacher {cfg.models.teacher!r} cannot be trained with DP-SGD "
+                        f"(privacy.level record): {error}") from None
+    size = int(labels.shape[0])
+    sample_rate = dp_sgd_sample_rate(size, pretrain.batch_size)
+    steps = pretrain.epochs * math.ceil(size / pretrain.batch_size)
+    summary_entries = [(privacy.summary_noise_multiplier, 1.0, 1)] if privacy.summary else []
+    if privacy.noise_multiplier is not None:
+        sigma = float(privacy.noise_multiplier)
+    else:
+        try:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=float(privacy.target_epsilon), delta=privacy.delta,
+                sample_rate=sample_rate, steps=steps, accountant=privacy.accountant,
+                extra_history=summary_entries,
+            )
+        except ValueError as error:
+            raise UserError(f"privacy.target_epsilon: teacher {name}: {error}; raise the target, "
+                            "or privacy.summary_noise_multiplier") from None
+
+    augment_rng = torch.Generator().manual_seed(seed)
+
+    def augment(batch: Tensor) -> Tensor:
+        return _random_shift(batch, max_shift=_MAX_SHIFT, generator=augment_rng)
+
+    model, result = train_dp_sgd(
+        model, images, labels, epochs=pretrain.epochs, batch_size=pretrain.batch_size,
+        make_optimizer=lambda parameters: _make_optimizer(parameters, pretrain),
+        noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
+        accountant=privacy.accountant, seed=seed, device=device,
+        learning_rate=lambda step: _learning_rate(pretrain, step, steps),
+        transform=augment if pretrain.augment else None, progress_desc=f"teacher {name}",
+    )
+    if not math.isfinite(result.epochs[-1]["loss"]):
+        raise UserError(f"teacher training diverged (loss {result.epochs[-1]['loss']}); lower "
+                        f"models.pretrain.lr (now {pretrain.lr})")
+    ledger = make_accountant(privacy.accountant)
+    ledger.step(noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
+    dpsgd_epsilon = ledger.epsilon(delta=privacy.delta)
+    statistics = None
+    if privacy.summary:
+        released = release_feature_statistics(
+            model, images, labels, num_classes=num_classes, clip=privacy.summary_clip,
+            noise_multiplier=privacy.summary_noise_multiplier,
+            rng=make_rng(seed, "feature-statistics"),
+        )
+        ledger.step(noise_multiplier=privacy.summary_noise_multiplier, sample_rate=1.0, steps=1)
+        statistics = released.state_dict()
+    epsilon = ledger.epsilon(delta=privacy.delta)
+    entry = {
+        "level": "record",
+        "epsilon": epsilon,
+        "delta": privacy.delta,
+        "accountant": privacy.accountant,
+        "noise_multiplier": sigma,
+        "max_grad_norm": privacy.max_grad_norm,
+        "sample_rate": result.sample_rate,
+        "steps": result.steps,
+        "history": ledger.state_dict(),
+        "summary_noise_multiplier": privacy.summary_noise_multiplier if privacy.summary else None,
+        "summary_clip": privacy.summary_clip if privacy.summary else None,
+        "dpsgd_epsilon": dpsgd_epsilon,
+        "target_epsilon": privacy.target_epsilon,
+        # Noise from torch's PRNG; Opacus's secure RNG (torchcsprng) is not available here.
+        "secure_rng": False,
+    }
+    history = [{"epoch": record["epoch"], "lr": record["lr"]} for record in result.epochs]
+    logger.info(
+        "teacher %s: DP-SGD σ = %.4f, C = %s, q = %.4f, %d steps (ε = %.3f); summary σ_s = %s; "
+        "total ε = %.3f at δ = %g (%s)", name, sigma, privacy.max_grad_norm, result.sample_rate,
+        result.steps, dpsgd_epsilon, entry["summary_noise_multiplier"], epsilon, privacy.delta,
+        privacy.accountant,
+    )
+    return model, history, entry, statistics
+
+
+def _save_teacher(
+    model: nn.Module, manifest: TeacherManifest, path: Path, statistics: dict[str, Any] | None = None
+) -> None:
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    saved: dict[str, Any] = {"manifest": manifest.to_dict(), "state_dict": state}
+    if statistics is not None:
+        saved["feature_statistics"] = statistics
     # Weights first: the .json is the cache key, so it must never announce a missing .pt.
-    atomic_torch_save({"manifest": manifest.to_dict(), "state_dict": state}, path)
+    atomic_torch_save(saved, path)
     atomic_write_json(path.with_suffix(".json"), manifest.to_dict())
 
 
@@ -538,19 +738,29 @@ def pretrain_teachers(
         )
         if cached is not None:
             logger.info(
-                "teacher %s: reusing %s (test accuracy %.4f, config hash %s)",
+                "teacher %s: reusing %s (test accuracy %.4f, config hash %s%s)",
                 cached.name, path, cached.test_accuracy, expected_hash,
+                "" if cached.privacy is None else f", ε = {cached.privacy['epsilon']:.3f}",
             )
             manifests.append(cached)
             continue
-        model, manifest = _train_one_teacher(
+        model, manifest, statistics = _train_one_teacher(
             cfg, splits, indices, partition_id=partition_id, expected_hash=expected_hash, device=device
         )
-        _save_teacher(model, manifest, path)
-        logger.info(
-            "teacher %s: %d train images, test accuracy %.4f, %.1f s -> %s",
-            manifest.name, manifest.train_size, manifest.test_accuracy, manifest.wall_seconds, path,
-        )
+        _save_teacher(model, manifest, path, statistics)
+        if manifest.privacy is None:
+            logger.info(
+                "teacher %s: %d train images, test accuracy %.4f, %.1f s -> %s",
+                manifest.name, manifest.train_size, manifest.test_accuracy, manifest.wall_seconds,
+                path,
+            )
+        else:
+            logger.info(
+                "teacher %s: DP, ε = %.3f at δ = %g; ~%d train images (noisy), test accuracy %.4f, "
+                "%.1f s -> %s", manifest.name, manifest.privacy["epsilon"],
+                manifest.privacy["delta"], manifest.train_size, manifest.test_accuracy,
+                manifest.wall_seconds, path,
+            )
         manifests.append(manifest)
     return manifests
 
@@ -591,6 +801,11 @@ def load_teacher(
             image_size=manifest.image_size,
         )
         model = NormalizedClassifier(net, manifest.mean, manifest.std)
+        if manifest.privacy is not None:
+            # A DP teacher was trained with BatchNorm replaced (GroupNorm): rebuild it so.
+            from fed_dfkd.privacy import make_dp_compatible
+
+            model = make_dp_compatible(model)
     except (UnknownNameError, ValueError) as error:
         raise UserError(f"teacher file {path}: cannot build its model: {error}") from None
     try:
@@ -602,7 +817,23 @@ def load_teacher(
         ) from None
     model.to(device)
     freeze(model)
+    if saved.get("feature_statistics") is not None:
+        _attach_feature_statistics(model, saved["feature_statistics"], path=path, hint=hint)
     return model, manifest
+
+
+def _attach_feature_statistics(model: NormalizedClassifier, raw: Any, *, path: Path, hint: str) -> None:
+    """Make the owner's released statistics the BN prior's targets (``model.feature_targets``)."""
+    from fed_dfkd.privacy import FeatureStatistics
+
+    try:
+        statistics = FeatureStatistics.from_state_dict(raw)
+        device = _model_device(model)
+        model.set_feature_targets({
+            name: (mean.to(device), var.to(device)) for name, (mean, var) in statistics.layers.items()
+        })
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"teacher file {path} has bad feature statistics: {error}; {hint}") from None
 
 
 def load_teachers(

@@ -2,6 +2,10 @@
 
 A context manager hooks every BatchNorm layer, records the statistics of the layer **input** of
 the last forward pass, and turns them into the loss. Hooks never outlive the ``with`` block.
+
+The same prior works on teachers without BatchNorm (DP-SGD teachers, whose BN became GroupNorm)
+when their owner released private per-channel statistics of the normalisation layers' inputs
+(:mod:`fed_dfkd.privacy.feature_statistics`): those layers are named in ``targets``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,30 @@ from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchNormStatistics"]
+__all__ = ["BatchNormStatistics", "NORMALIZATION_TYPES", "num_channels"]
 
 # BatchNorm1d/2d are the layers the method is defined for; 3d reduces the same way and costs
 # nothing to support.
 _BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Normalisation layers whose input has channels on dim 1, so "per-channel statistics over
+# (N, H, W)" means the same thing as for BN. They carry no running statistics of that kind
+# (InstanceNorm's are per-instance), so they only take part through ``targets``.
+NORMALIZATION_TYPES = (
+    *_BATCH_NORM_TYPES,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+
+def num_channels(module: nn.Module) -> int:
+    """The channel count C of a normalisation layer (``num_features`` or ``num_channels``)."""
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, NORMALIZATION_TYPES):
+        return int(module.num_features)
+    raise TypeError(f"{type(module).__name__} is not a normalisation layer")
 
 
 class BatchNormStatistics:
@@ -33,7 +56,10 @@ class BatchNormStatistics:
 
     with **unsquared** norms, against the layer's running statistics (μ̂, σ̂²), or against
     ``targets[name] = (mean, var)`` for the layers named there (module names as in
-    ``model.named_modules()``; e.g. private feature statistics).
+    ``model.named_modules()``; e.g. private feature statistics). ``targets`` may also name
+    GroupNorm and InstanceNorm layers (:data:`NORMALIZATION_TYPES`): their inputs are recorded
+    the same way (per channel over all dimensions but the channel, biased variance) and compared
+    to the targets. Such layers without a target are not hooked.
 
     Usage::
 
@@ -57,28 +83,31 @@ class BatchNormStatistics:
     ) -> None:
         self.model = model
         targets = dict(targets or {})
-        batch_norm_layers = {
+        normalization_layers = {
             name: module
             for name, module in model.named_modules()
-            if isinstance(module, _BATCH_NORM_TYPES)
+            if isinstance(module, NORMALIZATION_TYPES)
         }
-        unknown = sorted(set(targets) - set(batch_norm_layers))
+        unknown = sorted(set(targets) - set(normalization_layers))
         if unknown:
             raise ValueError(
-                f"targets name modules that are not BatchNorm layers of the model: {unknown}; "
-                f"BatchNorm layers: {sorted(batch_norm_layers)}"
+                f"targets name modules that are not BatchNorm (or other normalisation) layers of "
+                f"the model: {unknown}; normalisation layers: {sorted(normalization_layers)}"
             )
         self._layers: list[tuple[str, nn.Module]] = []
         self._targets: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, module in batch_norm_layers.items():
+        for name, module in normalization_layers.items():
             if name in targets:
                 mean, var = targets[name]
-                if mean.shape != (module.num_features,) or var.shape != (module.num_features,):
+                channels = num_channels(module)
+                if mean.shape != (channels,) or var.shape != (channels,):
                     raise ValueError(
-                        f"targets[{name!r}] must be two tensors of shape ({module.num_features},), "
+                        f"targets[{name!r}] must be two tensors of shape ({channels},), "
                         f"got {tuple(mean.shape)} and {tuple(var.shape)}"
                     )
                 self._targets[name] = (mean.detach(), var.detach())
+            elif not isinstance(module, _BATCH_NORM_TYPES):
+                continue  # no target and no running statistics to compare with
             elif module.running_mean is None or module.running_var is None:
                 logger.debug("BatchNorm layer %r has no running statistics; skipped", name)
                 continue
@@ -88,7 +117,7 @@ class BatchNormStatistics:
 
     @property
     def num_layers(self) -> int:
-        """Number of BN layers that contribute to the loss."""
+        """Number of layers (BN, or normalisation layers with a target) that contribute to the loss."""
         return len(self._layers)
 
     @property
@@ -144,7 +173,7 @@ class BatchNormStatistics:
                 "no BatchNorm statistics recorded: run the model inside the `with` block first"
             )
         if missing:
-            raise RuntimeError(f"the last forward pass did not reach BatchNorm layers {missing}")
+            raise RuntimeError(f"the last forward pass did not reach normalisation layers {missing}")
         losses = []
         for name, module in self._layers:
             mean, var = self._statistics[name]
@@ -161,7 +190,7 @@ class BatchNormStatistics:
         return losses
 
     def loss(self) -> Tensor:
-        """L_bn (algorithms.md §1.2): the sum of :meth:`layer_losses`; 0 for a model without BN."""
+        """L_bn (algorithms.md §1.2): the sum of :meth:`layer_losses`; 0 when no layer contributes."""
         losses = self.layer_losses()
         if not losses:
             return torch.zeros((), device=self._model_device())

@@ -7,7 +7,7 @@ so a teacher, a student and the generator can never disagree about it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +15,18 @@ from torch import Tensor, nn
 from fed_dfkd.models.base import Classifier, Normalize
 
 
+FeatureTargets = dict[str, tuple[Tensor, Tensor]]
+
+
 class NormalizedClassifier(Classifier):
-    """``net(normalize(x))`` for images ``x`` in [0, 1]."""
+    """``net(normalize(x))`` for images ``x`` in [0, 1].
+
+    ``feature_targets`` maps module names (as in this wrapper's ``named_modules()``, e.g.
+    ``net.features.1``) to the per-channel ``(mean, var)`` the BN-statistics prior should aim
+    at for that layer's input. It is empty for ordinary teachers (their BatchNorm running
+    statistics are the targets); a DP teacher's loader fills it with its owner's private feature
+    statistics (:mod:`fed_dfkd.privacy.feature_statistics`). Not part of the state dict.
+    """
 
     def __init__(self, net: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(
@@ -27,6 +37,21 @@ class NormalizedClassifier(Classifier):
         )
         self.normalize = Normalize(mean, std)
         self.net = net
+        self.feature_targets: FeatureTargets = {}
+
+    def set_feature_targets(self, targets: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Replace :attr:`feature_targets`; each name must be a module of this model and each
+        target two 1-D tensors of one length (the layer's channels, checked by the prior)."""
+        modules = dict(self.named_modules())
+        checked: FeatureTargets = {}
+        for name, (mean, var) in targets.items():
+            if name not in modules:
+                raise ValueError(f"feature target {name!r} is not a module of this model")
+            if mean.dim() != 1 or mean.shape != var.shape:
+                raise ValueError(f"feature target {name!r}: mean and var must be 1-D tensors of one "
+                                 f"shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
+            checked[name] = (mean.detach(), var.detach())
+        self.feature_targets = checked
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.forward_features(self.normalize(x))
@@ -39,7 +64,8 @@ class TeacherEnsemble(Classifier):
     computed through it); features are the members' features concatenated, so the R2M anchor
     keeps every teacher's embedding. The BN-statistics prior finds every member's BatchNorm
     layers through ``modules()`` and sums over them, which is what a federation of these
-    teachers sums over its clients.
+    teachers sums over its clients; :attr:`feature_targets` gathers the members' targets under
+    their names in the ensemble, so members without BatchNorm (DP teachers) take part too.
     """
 
     def __init__(self, members: Sequence[Classifier]) -> None:
@@ -62,6 +88,15 @@ class TeacherEnsemble(Classifier):
         logits = torch.stack([o[0] for o in outputs]).mean(dim=0)
         features = torch.cat([o[1] for o in outputs], dim=1)
         return logits, features
+
+    @property
+    def feature_targets(self) -> FeatureTargets:
+        """Every member's ``feature_targets``, named as in the ensemble (``members.{k}.…``)."""
+        return {
+            f"members.{k}.{name}": target
+            for k, member in enumerate(self.members)
+            for name, target in getattr(member, "feature_targets", {}).items()
+        }
 
     def member_logits(self, x: Tensor) -> Tensor:
         """[K, B, C] logits of every member."""

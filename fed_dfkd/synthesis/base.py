@@ -146,8 +146,12 @@ class Synthesizer(abc.ABC):
         ``student_features``, ...). With ``labels`` (a conditional G's target classes) the
         one-hot term is CE(t, labels) instead of CE(t, argmax t).
         """
-        # The BN hooks cost a mean and a variance per layer: only register them when used.
-        recorder = BatchNormStatistics(teacher) if weights["bn_statistics"] else contextlib.nullcontext()
+        # The BN hooks cost a mean and a variance per layer: only register them when used. A DP
+        # teacher has no BatchNorm; its owner's private feature statistics are the targets.
+        recorder = (
+            BatchNormStatistics(teacher, targets=getattr(teacher, "feature_targets", None))
+            if weights["bn_statistics"] else contextlib.nullcontext()
+        )
         with recorder as bn:
             teacher_logits, teacher_features = teacher(images, return_features=True)
             bn_loss = bn.loss() if bn is not None else None
