@@ -65,8 +65,10 @@ from client.state import (
     decode_state,
     encode_state,
     read_host_state,
+    read_host_state_file,
     read_owner_ledger,
     write_host_state,
+    write_host_state_file,
     write_owner_ledger,
 )
 
@@ -84,9 +86,10 @@ NODE_TEACHER_PATH_KEY = "teacher-path"
 NODE_TEACHERS_DIR_KEY = "teachers-dir"
 NODE_PARTITION_ID_KEY = "partition-id"
 NODE_DEVICE_KEY = "device"
-#: Folder of the owners' privacy ledgers (node config wins over run config); by default the
-#: ledger sits next to the teacher file, so it outlives runs, SuperNodes and servers.
-LEDGER_DIR_KEY = "ledger-dir"
+#: Folder of what an owner keeps on its own disk (node config wins over run config): its privacy
+#: ledger and its state in each run. By default next to the teacher file, so both outlive
+#: SuperNodes, servers and Flower runs (a resumed server starts a new Flower run).
+OWNER_DIR_KEY = "owner-dir"
 
 GENERATOR_AND_LOGITS = "generator_and_logits"
 LOGITS_ONLY = "logits_only"
@@ -347,13 +350,15 @@ def _start_state(
     )
 
 
-def ledger_path(context: Context, entry: _HostEntry) -> Path:
-    """Where this owner's privacy ledger lives (see :data:`LEDGER_DIR_KEY`)."""
-    folder = context.node_config.get(LEDGER_DIR_KEY) or context.run_config.get(LEDGER_DIR_KEY)
-    name = f"{entry.host.manifest.name}.ledger.json"
+def owner_files(context: Context, entry: _HostEntry, run_key: str) -> tuple[Path, Path]:
+    """This owner's privacy ledger and its host state in run ``run_key`` (see :data:`OWNER_DIR_KEY`)."""
+    folder = context.node_config.get(OWNER_DIR_KEY) or context.run_config.get(OWNER_DIR_KEY)
     if isinstance(folder, str) and folder.strip():
-        return Path(folder.strip()).expanduser() / name
-    return entry.teacher_file.parent / name
+        root = Path(folder.strip()).expanduser()
+    else:
+        root = entry.teacher_file.parent
+    name = entry.host.manifest.name
+    return root / f"{name}.ledger.json", root / f"{name}.{run_key or 'run'}.state.pt"
 
 
 def _serve_round(
@@ -366,8 +371,12 @@ def _serve_round(
     if instruction.mode == LOGITS_ONLY and host.ledger is None:
         # No generator work and no privacy ledger, so no state is read or written.
         return host.serve(instruction)
+    ledger_file, state_file = owner_files(context, entry, instruction.run_key)
     try:
         stored = read_host_state(context.state)
+        if stored is None:
+            # A new Flower run (the server restarted) or a new SuperNode: this owner's own copy.
+            stored = read_host_state_file(state_file)
     except ValueError as error:
         raise ClientSetupError("internal_error", f"stored state is damaged: {error}") from error
     start = _start_state(entry, stored, instruction)
@@ -377,8 +386,7 @@ def _serve_round(
         raise ClientSetupError(
             "internal_error", f"stored state cannot be loaded ({type(error).__name__}: {error})"
         ) from error
-    ledger_file = ledger_path(context, entry) if host.ledger is not None else None
-    if ledger_file is not None:
+    if host.ledger is not None:
         # The file, not Context.state, is the truth: it survives a new run id after a server
         # restart, a restarted SuperNode, and the owner's other runs.
         try:
@@ -388,19 +396,14 @@ def _serve_round(
         except (ValueError, KeyError, TypeError) as error:
             raise ClientSetupError("internal_error", f"privacy ledger {ledger_file}: {error}") from error
     result = host.serve(instruction)
-    if isinstance(result, ClientUpdate) and ledger_file is not None:
-        # Written before the reply leaves: a release is never made without being recorded.
-        write_owner_ledger(ledger_file, host.ledger.state_dict())
     if isinstance(result, ClientUpdate):
-        write_host_state(
-            context.state,
-            StoredHostState(
-                round=instruction.round,
-                state=encode_state(host.state_dict()),
-                previous_state=start,
-                host_key=entry.host_key,
-            ),
-        )
+        if host.ledger is not None:
+            # Written before the reply leaves: a release is never made without being recorded.
+            write_owner_ledger(ledger_file, host.ledger.state_dict())
+        served = StoredHostState(round=instruction.round, state=encode_state(host.state_dict()),
+                                 previous_state=start, host_key=entry.host_key)
+        write_host_state(context.state, served)
+        write_host_state_file(state_file, served)
     return result
 
 

@@ -130,3 +130,34 @@ def write_owner_ledger(path: Path, state: Mapping[str, Any]) -> None:
     from fed_dfkd.runs import atomic_write_json
 
     atomic_write_json(path, dict(state))
+
+
+# --- the owner's copy of its host state -----------------------------------------------------------
+
+
+def write_host_state_file(path: Path, stored: StoredHostState) -> None:
+    """Keep ``stored`` in ``path`` too (atomically): a new Flower run starts with an empty
+    ``Context.state``, and a resumed server is a new Flower run in a deployment."""
+    from fed_dfkd.runs import atomic_torch_save
+
+    atomic_torch_save({
+        "round": stored.round,
+        "host_key": stored.host_key,
+        "state": torch.frombuffer(bytearray(stored.state), dtype=torch.uint8),
+        "previous_state": torch.frombuffer(bytearray(stored.previous_state), dtype=torch.uint8),
+    }, path)
+
+
+def read_host_state_file(path: Path) -> StoredHostState | None:
+    """The host state kept in ``path``, or None when there is none; ``ValueError`` if damaged."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return StoredHostState(
+            round=int(data["round"]), host_key=str(data["host_key"]),
+            state=bytes(data["state"].numpy().tobytes()),
+            previous_state=bytes(data["previous_state"].numpy().tobytes()),
+        )
+    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
+        raise ValueError(f"{path}: {type(error).__name__}: {error}") from error

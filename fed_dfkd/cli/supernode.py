@@ -32,9 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="this node's Runtime API port (one per SuperNode on a machine)")
     add_tls_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device for the teacher (default: config)")
-    parser.add_argument("--ledger-dir", metavar="DIR", default=None,
-                        help="folder of this owner's privacy ledger (default: next to the teacher "
-                             "file, so the budget spans every run this owner serves)")
+    parser.add_argument("--owner-dir", metavar="DIR", default=None,
+                        help="folder of this owner's privacy ledger and run state (default: next "
+                             "to the teacher file, so the budget spans every run it serves)")
     parser.add_argument("--max-wait-time", type=float, default=None, metavar="SECONDS",
                         help="give up after this long without reaching the SuperLink (default: never)")
     parser.add_argument("--state", metavar="DIR", default=None, help="Flower home under DIR/.flwr")
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         node_config["teacher-path"] = str(path)
     if args.device:
         node_config["device"] = args.device
-    if args.ledger_dir:
-        node_config["ledger-dir"] = str(Path(args.ledger_dir).expanduser().resolve())
+    if args.owner_dir:
+        node_config["owner-dir"] = str(Path(args.owner_dir).expanduser().resolve())
     ca = None if args.insecure else CertificatePaths.in_folder(Path(args.certs)).require(server=False).ca
     command = supernode_command(superlink=args.superlink, port=args.port, host=args.host,
                                 node_config=node_config, root_certificates=ca,

@@ -56,9 +56,9 @@ def simulate(
     settings = ServerSettings(config=Path(config), out=Path(out), overrides=tuple(overrides),
                               teachers=Path(teachers), resume=resume, engine=engine)
     run_config = settings.to_run_config()
-    # A simulated run's owners keep their privacy ledgers in the run folder: fresh for each
-    # experiment, kept across --resume (a real SuperNode keeps its ledger next to its teacher).
-    run_config["ledger-dir"] = str((Path(out) / "ledgers").resolve())
+    # A simulated run's owners keep their ledgers and states in the run folder: fresh for each
+    # experiment, kept across --resume (a real SuperNode keeps them next to its teacher).
+    run_config["owner-dir"] = str((Path(out) / "owners").resolve())
     if engine == "inprocess":
         from fed_dfkd.engine.inprocess import run_inprocess
 

@@ -934,7 +934,7 @@ def deploy_local(
         deployment.start_superlink(port=superlink_port)
         for k in range(clients):
             deployment.start_supernode(
-                k, node_config={"teachers-dir": str(out), "ledger-dir": str(Path(out).resolve() / "ledgers")},
+                k, node_config={"teachers-dir": str(out), "owner-dir": str(Path(out).resolve() / "owners")},
                 port=node_ports[k])
         submitted = deployment.submit(app_dir, run_config)
         if on_submitted is not None:

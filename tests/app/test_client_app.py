@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 def _context(setup: Setup, *, node_id: int, partition_id: int, **node: Any) -> Context:
     run_config = {"config": str(CONFIG), "overrides": "; ".join(OVERRIDES), "teachers": str(setup.out)}
+    # Each node its own owner folder, unless a test shares one on purpose.
+    node = {"owner-dir": tempfile.mkdtemp(prefix="owner-"), **node}
     node_config = {"partition-id": partition_id, "num-partitions": 2, **node}
     return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
                    run_config=run_config)
@@ -185,6 +188,17 @@ def test_state_survives_a_fresh_process(setup: Setup) -> None:
     _serve(context, setup.rounds[0])
     client_app.clear_host_cache()
     _assert_same_update(_serve(context, setup.rounds[1]), setup.reference[1])
+
+
+def test_a_new_flower_run_continues_from_the_owners_own_copy(setup: Setup, tmp_path: Path) -> None:
+    """A resumed server is a new Flower run in a deployment: Context.state starts empty. The
+    owner's folder keeps its state per run key, so the round after the restart is the same."""
+    before = _context(setup, node_id=14, partition_id=0, **{"owner-dir": str(tmp_path)})
+    _serve(before, setup.rounds[0])
+    client_app.clear_host_cache()
+    after = _context(setup, node_id=15, partition_id=0, **{"owner-dir": str(tmp_path)})
+    _assert_same_update(_serve(after, setup.rounds[1]), setup.reference[1])
+    assert [p.name for p in tmp_path.iterdir()] == [f"client_0.{setup.rounds[0].run_key}.state.pt"]
 
 
 def test_nodes_sharing_a_process_keep_separate_states(setup: Setup) -> None:

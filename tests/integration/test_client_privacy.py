@@ -161,7 +161,7 @@ def test_the_ledger_survives_a_server_restart(tmp_path, teachers, monkeypatch, c
 
 def test_owners_that_lost_their_context_state_still_charge_nothing_twice(tmp_path, teachers, monkeypatch, capsys):
     """A deployment's server restart starts a new Flower run: Context.state is empty again. The
-    owners' ledger files (here OUT/ledgers) carry the spend and the run's noise seeds."""
+    owners' ledger files (here OUT/owners) carry the spend and the run's noise seeds."""
     import json
 
     dp = [*LOCAL, "privacy.noise_multiplier=1.5"]
@@ -188,6 +188,6 @@ def test_owners_that_lost_their_context_state_still_charge_nothing_twice(tmp_pat
     assert read_report(out)["per_client_epsilon"] == pytest.approx(
         read_report(whole)["per_client_epsilon"], rel=1e-12)
     for k in range(3):
-        kept = json.loads((out / "ledgers" / f"client_{k}.ledger.json").read_text())
+        kept = json.loads((out / "owners" / f"client_{k}.ledger.json").read_text())
         (run,) = kept["runs"].values()  # one run, across the restart
         assert run["ledger"]["steps"] == [ROUNDS] and run["ledger"]["rounds_recorded"] == ROUNDS

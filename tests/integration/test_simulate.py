@@ -142,9 +142,12 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, teachers, capsys):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("context_state", ["restored", "lost"])
 def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_run(
-    completed_run, tmp_path, teachers, monkeypatch, capsys
+    completed_run, tmp_path, teachers, monkeypatch, capsys, context_state
 ):
+    """``lost``: as in a deployment, where the resumed server is a new Flower run and every
+    Context.state starts empty; the owners continue from their own copies (OUT/owners)."""
     out = tmp_path / "b"
     original = loop.ServerLoop.run_round
 
@@ -168,6 +171,11 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
         return original(self)
 
     monkeypatch.setattr(loop.ServerLoop, "run_round", counted)
+    if context_state == "lost":
+        from client.app import clear_host_cache
+
+        monkeypatch.setattr(loop.NodeStateStore, "load", lambda self, grid, files: None)
+        clear_host_cache()
     assert simulate(out, "--resume", teachers=teachers) == 0
     assert calls["count"] == 1, "resume must run only the missing round"
 
