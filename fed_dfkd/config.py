@@ -164,6 +164,9 @@ class DistillConfig:
     temperature: float = 4.0
     ensemble: Literal["mean", "weighted", "class_weighted", "median", "trimmed_mean"] = "mean"
     quantize_samples: bool = True
+    # Draw the student's pseudo-batches from G with its BatchNorm running statistics ("running",
+    # the reference) or with each batch's own statistics ("batch", as in G's own steps).
+    sample_statistics: Literal["running", "batch"] = "running"
     eval_every: int = 1
 
 

@@ -74,7 +74,7 @@ class Coordinator:
         return draw_pseudo_batches(
             generator if generator is not None else self.generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
             rng=make_rng(self.cfg.runtime.seed, "pseudo-batches", self.round, device=self.device),
-            quantize=d.quantize_samples,
+            quantize=d.quantize_samples, batch_statistics=d.sample_statistics == "batch",
         )
 
     @torch.no_grad()

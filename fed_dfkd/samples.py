@@ -32,11 +32,23 @@ def draw_pseudo_batches(
     batch_size: int,
     rng: torch.Generator,
     quantize: bool = True,
+    batch_statistics: bool = False,
 ) -> Tensor:
-    """``[num_batches, batch_size, C, H, W]`` samples from G in eval mode (running BN stats,
-    as the reference samples student batches), uint8 when ``quantize`` else float32."""
+    """``[num_batches, batch_size, C, H, W]`` samples from G, uint8 when ``quantize`` else float32.
+
+    By default G runs in eval mode (its BatchNorm running statistics, as the reference samples
+    student batches). With ``batch_statistics`` each batch is normalised by its own statistics,
+    as during G's own steps, and G's running statistics are left untouched.
+    """
     was_training = generator.training
-    generator.eval()
+    generator.train(batch_statistics)
+    # Batch statistics without moving the running ones: momentum 0 for the duration.
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    tracked = [None if m.num_batches_tracked is None else m.num_batches_tracked.clone() for m in norms]
+    if batch_statistics:
+        for m in norms:
+            m.momentum = 0.0
     device = next(generator.parameters()).device
     try:
         batches = []
@@ -46,6 +58,10 @@ def draw_pseudo_batches(
             batches.append(quantize_images(images) if quantize else images.float())
     finally:
         generator.train(was_training)
+        for m, momentum, count in zip(norms, momenta, tracked):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
     return torch.stack(batches)
 
 

@@ -179,6 +179,7 @@ class TeacherHost:
                 self.generator, num_batches=instruction.sample_batches,
                 batch_size=instruction.batch_size,
                 rng=make_rng(instruction.seed, "pseudo-batches", instruction.round, device=self.device),
+                batch_statistics=self.cfg.distill.sample_statistics == "batch",
             ).flatten(0, 1)
         else:
             samples = instruction.samples

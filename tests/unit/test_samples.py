@@ -126,12 +126,32 @@ def test_draws_use_running_statistics_so_a_sample_does_not_depend_on_its_batch()
     assert torch.allclose(batch_of_eight[:4], expected, atol=1e-6)
 
 
+def test_batch_statistics_draws_normalise_each_batch_by_itself():
+    generator = small_generator()
+    drawn = draw_pseudo_batches(generator, num_batches=1, batch_size=8, quantize=False,
+                                rng=torch.Generator().manual_seed(7), batch_statistics=True)[0]
+    latents = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    reference = small_generator()
+    reference.train()
+    with torch.no_grad():
+        expected = reference(latents)
+    assert torch.allclose(drawn, expected, atol=1e-6)
+    running = draw_pseudo_batches(generator, num_batches=1, batch_size=8, quantize=False,
+                                  rng=torch.Generator().manual_seed(7))[0]
+    assert not torch.allclose(drawn, running, atol=1e-3)
+
+
+@pytest.mark.parametrize("batch_statistics", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_draw_restores_the_generators_mode_and_leaves_its_state(training):
+def test_draw_restores_the_generators_mode_and_leaves_its_state(training, batch_statistics):
     generator = small_generator()
     generator.train(training)
     before = cloned_state(generator)
-    draw_pseudo_batches(generator, num_batches=2, batch_size=4, rng=torch.Generator().manual_seed(0))
+    momenta = [m.momentum for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert momenta
+    draw_pseudo_batches(generator, num_batches=2, batch_size=4, rng=torch.Generator().manual_seed(0),
+                        batch_statistics=batch_statistics)
+    assert [m.momentum for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)] == momenta
     assert generator.training is training
     after = cloned_state(generator)
     assert all(torch.equal(before[k], after[k]) for k in before), "BN running stats must not move"
