@@ -34,6 +34,22 @@ def tiny(*, rounds: int = 2, clients: int | None = 3, batch_size: int = 32) -> l
     return overrides
 
 
+def stop_before_round(monkeypatch: Any, round_index: int) -> Any:
+    """Make the server stop as if by Ctrl-C when 0-based round ``round_index`` starts; returns the
+    real ``ServerLoop.run_round`` (``monkeypatch.undo()`` or ``setattr`` it back to resume)."""
+    import server.loop as loop
+
+    original = loop.ServerLoop.run_round
+
+    def stopped(self):
+        if self.server.round == round_index:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped)
+    return original
+
+
 def set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 

@@ -18,7 +18,7 @@ import torch
 
 import server.loop as loop
 from fed_dfkd.cli.main import main
-from runhelpers import PNG_MAGIC, QUICKSTART, load_checkpoint, read_metrics, read_report, set_args, tiny
+from runhelpers import PNG_MAGIC, QUICKSTART, load_checkpoint, read_metrics, read_report, set_args, stop_before_round, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -137,14 +137,7 @@ def test_the_ledger_survives_a_server_restart(tmp_path, teachers, monkeypatch, c
     whole = tmp_path / "whole"
     assert simulate(whole, teachers, *dp) == 0
     out = tmp_path / "restarted"
-    original = loop.ServerLoop.run_round
-
-    def stopped_at_round_three(self):
-        if self.server.round == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
+    stop_before_round(monkeypatch, 2)  # Ctrl-C as round 3 starts
     assert simulate(out, teachers, *dp) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -168,14 +161,7 @@ def test_owners_that_lost_their_context_state_still_charge_nothing_twice(tmp_pat
     whole = tmp_path / "whole"
     assert simulate(whole, teachers, *dp) == 0
     out = tmp_path / "restarted"
-    original = loop.ServerLoop.run_round
-
-    def stopped_at_round_three(self):
-        if self.server.round == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
+    original = stop_before_round(monkeypatch, 2)  # Ctrl-C as round 3 starts
     assert simulate(out, teachers, *dp) == 130
     monkeypatch.setattr(loop.ServerLoop, "run_round", original)
     # The clients come back with nothing: no Context.state restored from the checkpoint.

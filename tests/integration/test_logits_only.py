@@ -25,7 +25,7 @@ from fed_dfkd.coordinator import build_pseudo_generator
 from fed_dfkd.data import dataset_info
 from fed_dfkd.federated import FederatedServer
 from fed_dfkd.transport import keys
-from runhelpers import QUICKSTART, assert_same_state, load_checkpoint, read_metrics, read_report, set_args
+from runhelpers import QUICKSTART, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, stop_before_round
 
 pytestmark = pytest.mark.integration
 
@@ -165,22 +165,17 @@ def test_a_stopped_and_resumed_server_equals_an_uninterrupted_run(
     zeroth_order_run, tmp_path, teachers, monkeypatch, capsys
 ):
     out = tmp_path / "resumed"
-    original = loop.ServerLoop.run_round
-
-    def stopped_at_round_three(self):
-        if self.server.round == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
+    stop_before_round(monkeypatch, 2)  # Ctrl-C as round 3 starts
     argv = ["simulate", "--config", str(QUICKSTART), "--out", str(out), "--teachers", str(teachers),
             *set_args(FAST)]
-    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
     assert main(argv) == 130
     monkeypatch.undo()
     assert load_checkpoint(out)["round"] == 2
     assert main([*argv, "--resume"]) == 0
 
     resumed, uninterrupted = load_checkpoint(out), load_checkpoint(zeroth_order_run.out)
+    # Each run has its own run key (owners' ledgers); everything else is bit-identical.
+    resumed["server"].pop("run_key"), uninterrupted["server"].pop("run_key")
     assert_same_state(resumed["server"], uninterrupted["server"], "server")
     assert resumed["server"]["zeroth_order"]["generator_optimizer"]["state"]  # Adam moments saved
     assert read_report(out)["bytes_down"] == zeroth_order_run.report["bytes_down"]

@@ -25,7 +25,7 @@ import server.loop as loop
 from fed_dfkd.cli.main import main
 from fed_dfkd.protocol import ClientUpdate
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
-from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, tiny
+from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, stop_before_round, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -149,14 +149,7 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
     """``lost``: as in a deployment, where the resumed server is a new Flower run and every
     Context.state starts empty; the owners continue from their own copies (OUT/owners)."""
     out = tmp_path / "b"
-    original = loop.ServerLoop.run_round
-
-    def stopped_at_round_three(self):
-        if self.server.round == 2:
-            raise KeyboardInterrupt  # Ctrl-C as round 3 starts
-        return original(self)
-
-    monkeypatch.setattr(loop.ServerLoop, "run_round", stopped_at_round_three)
+    original = stop_before_round(monkeypatch, 2)  # Ctrl-C as round 3 starts
     assert simulate(out, teachers=teachers) == 130
     assert "interrupted" in capsys.readouterr().err
     monkeypatch.undo()

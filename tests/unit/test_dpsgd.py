@@ -3,7 +3,6 @@ manifest's ε against the accountants, GroupNorm architecture round trips, the c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -13,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import fed_dfkd.cli.main as cli_main
 from fed_dfkd.cli.main import main
 from fed_dfkd.config import load_config
 from fed_dfkd.data.datasets import load_experiment_data
@@ -59,23 +57,6 @@ privacy:
   summary_noise_multiplier: 5.0
   summary_clip: 10.0
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _available_subcommands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Parse with the subcommand modules that exist (as tests/unit/test_teachers.py does)."""
-    available = tuple(
-        name for name in cli_main.SUBCOMMANDS if importlib.util.find_spec(f"fed_dfkd.cli.{name}")
-    )
-    monkeypatch.setattr(cli_main, "SUBCOMMANDS", available)
 
 
 @pytest.fixture(scope="module")

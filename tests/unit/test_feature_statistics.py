@@ -28,14 +28,6 @@ from fed_dfkd.privacy import (
 from fed_dfkd.synthesis import Progress, build_synthesizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0, train_subset=300)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -14,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import fed_dfkd.cli.main as cli_main
 from fed_dfkd.cli.main import main
 from fed_dfkd.config import PretrainConfig, load_config
 from fed_dfkd.data.datasets import load_dataset
@@ -49,24 +47,6 @@ federation:
   num_clients: 2
   min_replies: 1
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _available_subcommands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stand-in until every listed subcommand module exists: parse with the ones that do."""
-    available = tuple(
-        name for name in cli_main.SUBCOMMANDS if importlib.util.find_spec(f"fed_dfkd.cli.{name}")
-    )
-    monkeypatch.setattr(cli_main, "SUBCOMMANDS", available)
 
 
 @pytest.fixture(scope="module")
