@@ -391,7 +391,11 @@ def _serve_round(
         # restart, a restarted SuperNode, and the owner's other runs.
         try:
             kept = read_owner_ledger(ledger_file)
-            if kept is not None:
+            # No file: this owner has released nothing under this folder yet (a cached host may
+            # still hold another folder's ledger from an earlier run in this process).
+            if kept is None:
+                host.ledger.reset()
+            else:
                 host.ledger.load_state_dict(kept)
         except (ValueError, KeyError, TypeError) as error:
             raise ClientSetupError("internal_error", f"privacy ledger {ledger_file}: {error}") from error

@@ -146,9 +146,11 @@ class FederatedServer:
         return instruction, samples
 
     def _wire_generator(self) -> torch.nn.Module:
-        """A copy of G holding its weights as the clients load them (cast to ``state_dtype``)."""
+        """G as the clients load it: G itself in float32, else a copy cast to ``state_dtype``."""
         from fed_dfkd.coordinator import build_pseudo_generator
 
+        if self.cfg.federation.state_dtype == "float32":
+            return self.coordinator.generator
         if self._wire is None:
             self._wire = build_pseudo_generator(self.cfg, self.info).to(self.coordinator.device)
         dtype = {"float32": torch.float32, "float16": torch.float16}[self.cfg.federation.state_dtype]
@@ -308,10 +310,9 @@ class FederationPrivacy:
             self.epsilon = self.ledger.spend_round(
                 round_index, noise_multiplier=self.plan.accounted_noise,
                 sample_rate=self.plan.sample_rate, every_round=True)
-            for update in updates:
-                self.per_client[update.report.partition_id] = self.epsilon
-            for owner in self.per_client:
-                self.per_client[owner] = self.epsilon
+            # Every owner that ever took part is covered by the same (federation) ledger.
+            owners = set(self.per_client) | {u.report.partition_id for u in updates}
+            self.per_client = {owner: self.epsilon for owner in sorted(owners)}
         else:
             for update in updates:
                 if update.report.epsilon is not None:

@@ -222,15 +222,10 @@ class TeacherHost:
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "synthesizer": self.synthesizer.state_dict(),
         }
-        if self.ledger is not None:
-            state["privacy_ledger"] = self.ledger.state_dict()
+        # The privacy ledger is not part of it: the ClientApp keeps it in the owner's own file,
+        # the one source of truth across rounds, runs and restarts (client/app.py).
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.synthesizer.load_state_dict(state["synthesizer"])
-        if self.ledger is not None:
-            if "privacy_ledger" not in state:
-                raise ValueError("the stored state has no privacy ledger, which this owner's "
-                                 "client-level budget needs (starting afresh would forget spent ε)")
-            self.ledger.load_state_dict(state["privacy_ledger"])

@@ -69,6 +69,7 @@ from fed_dfkd.errors import UserError
 from fed_dfkd.evaluation import Evaluator, predict_logits
 from fed_dfkd.federated import FederatedServer, teacher_weights
 from fed_dfkd.metrics import accuracy
+from fed_dfkd.privacy.client_level import sampled_per_round
 from fed_dfkd.progress import RoundProgress
 from fed_dfkd.protocol import ClientUpdate, RefusalData, RoundInstruction
 from fed_dfkd.reporting import build_report, write_plots
@@ -222,7 +223,7 @@ def sample_nodes(
     ordered = sorted(set(int(n) for n in node_ids))
     if not ordered:
         return []
-    count = min(len(ordered), max(1, round(sample_rate * len(ordered))))
+    count = sampled_per_round(num_clients=len(ordered), sample_rate=sample_rate)
     labels: tuple[object, ...] = ("sample-clients", round_index)
     if attempt:
         labels += (attempt,)

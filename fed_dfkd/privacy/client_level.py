@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,11 +257,13 @@ class OwnerLedger:
         self.runs: dict[str, ClientLedger] = {}
         self.noise_seeds: dict[str, int] = {}
 
+    def reset(self) -> None:
+        """Forget every run (a ledger that has recorded nothing)."""
+        self.runs, self.noise_seeds = {}, {}
+
     def run(self, run_key: str) -> tuple[ClientLedger, int]:
         """The run's ledger and noise seed, created (with a fresh secret seed) on first use."""
         if run_key not in self.runs:
-            import secrets
-
             self.runs[run_key] = ClientLedger(accountant=self.accountant_name, delta=self.delta,
                                               epsilon_max=self.epsilon_max)
             self.noise_seeds[run_key] = secrets.randbits(62)
@@ -326,8 +329,3 @@ class OwnerLedger:
             ledger.load_state_dict(entry["ledger"])
             runs[str(key)], seeds[str(key)] = ledger, int(entry["noise_seed"])
         self.runs, self.noise_seeds = runs, seeds
-
-
-def per_client_max(epsilons: Sequence[float]) -> float | None:
-    """The federation's ε under per-client accounting: the worst client's."""
-    return max(epsilons) if epsilons else None
