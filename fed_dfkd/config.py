@@ -155,6 +155,12 @@ class DistillConfig:
     student_steps: int = 10
     # Past rounds whose labelled pseudo-batches the student replays (0 = this round only).
     replay_rounds: int = 0
+    # Server-side augmentation of the student's pseudo-batches (fed_dfkd/augment.py): a random
+    # shift of up to augment_shift pixels, and a left-right mirror with probability 1/2 when
+    # augment_flip (only where the classes are mirror-symmetric: not digits). The teachers'
+    # targets are those of the unaugmented samples; no extra query or byte.
+    augment_shift: int = 0
+    augment_flip: bool = False
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -578,6 +584,7 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.pseudo_batches is None or di.pseudo_batches >= 1, "distill.pseudo_batches",
              "must be >= 1 or null")
     _require(di.replay_rounds >= 0, "distill.replay_rounds", "must be >= 0")
+    _require(di.augment_shift >= 0, "distill.augment_shift", "must be >= 0 (pixels)")
     _require(di.lr > 0, "distill.lr", "must be > 0")
     _require(di.momentum >= 0, "distill.momentum", "must be >= 0")
     _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")

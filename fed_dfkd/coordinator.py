@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fed_dfkd.augment import augment_batches
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer
@@ -88,9 +89,15 @@ class Coordinator:
         """Student steps on this round's labelled batches (and the replayed ones)."""
         steps, batch = samples.shape[:2]
         self.replay.add(samples, targets.view(steps, batch, -1))
+        d = self.cfg.distill
         images, labels = self.replay.schedule(
-            self.cfg.distill.student_steps, rng=make_rng(self.cfg.runtime.seed, "replay", self.round)
+            d.student_steps, rng=make_rng(self.cfg.runtime.seed, "replay", self.round)
         )
+        if d.augment_shift or d.augment_flip:
+            images = augment_batches(
+                images, shift=d.augment_shift, flip=d.augment_flip,
+                generator=make_rng(self.cfg.runtime.seed, "student-augment", self.round),
+            )
         return self.trainer.train_round(as_float_images(images).to(self.device), labels.to(self.device),
                                         self.progress)
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fed_dfkd.augment import random_shift
 from fed_dfkd.config import ExperimentConfig, PretrainConfig, config_hash, config_to_dict
 from fed_dfkd.errors import UserError
 from fed_dfkd.metrics import accuracy
@@ -269,19 +270,6 @@ def _batch_bounds(size: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _random_shift(images: Tensor, *, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image by up to ``max_shift`` pixels each way (zero padding, then a crop)."""
-    batch, _, height, width = images.shape
-    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(images.device)
-    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [B, H]
-    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [B, W]
-    batch_index = torch.arange(batch, device=images.device)[:, None, None]
-    # Advanced indexing on dims 0, 2, 3 moves the channel dim last: [B, H, W, C].
-    cropped = padded[batch_index, :, rows[:, :, None], cols[:, None, :]]
-    return cropped.permute(0, 3, 1, 2).contiguous()
-
-
 def _make_optimizer(parameters: Any, config: PretrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -359,7 +347,7 @@ def train_classifier(
             index = order[start:end]
             batch, targets = images[index], labels[index]
             if config.augment:
-                batch = _random_shift(batch, max_shift=_MAX_SHIFT, generator=generator)
+                batch = random_shift(batch, max_shift=_MAX_SHIFT, generator=generator)
             logits = model(batch)
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -594,7 +582,7 @@ def _train_private_teacher(
     augment_rng = torch.Generator().manual_seed(seed)
 
     def augment(batch: Tensor) -> Tensor:
-        return _random_shift(batch, max_shift=_MAX_SHIFT, generator=augment_rng)
+        return random_shift(batch, max_shift=_MAX_SHIFT, generator=augment_rng)
 
     model, result = train_dp_sgd(
         model, images, labels, epochs=pretrain.epochs, batch_size=pretrain.batch_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from torch import nn
 
 from fed_dfkd.cli.main import main
@@ -18,7 +19,6 @@ from fed_dfkd.config import PretrainConfig, load_config
 from fed_dfkd.data.datasets import load_dataset
 from fed_dfkd.data.teachers import (
     TeacherManifest,
-    _random_shift,
     evaluate_accuracy,
     load_teacher,
     load_teachers,
@@ -115,19 +115,6 @@ def test_learning_rate_schedule(schedule: str, optimizer: str, expected_factors:
     config = PretrainConfig(epochs=2, batch_size=8, lr=0.1, lr_schedule=schedule, optimizer=optimizer)
     history = train_classifier(_toy_model(), images, labels, config=config, seed=0, device="cpu")
     assert [record["lr"] for record in history] == pytest.approx([0.1 * f for f in expected_factors])
-
-
-def test_random_shift_moves_each_image_by_at_most_two_pixels() -> None:
-    images = torch.zeros(64, 2, 9, 9)
-    images[:, :, 4, 4] = 1.0  # one bright pixel in the centre; a shift of <= 2 keeps it inside
-    shifted = _random_shift(images, max_shift=2, generator=torch.Generator().manual_seed(0))
-    assert shifted.shape == images.shape
-    assert torch.equal(shifted.sum(dim=(2, 3)), torch.ones(64, 2))  # nothing lost or duplicated
-    flat = shifted[:, 0].reshape(64, -1).argmax(dim=1)
-    rows, cols = flat // 9, flat % 9
-    assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
-    assert torch.equal(shifted[:, 0], shifted[:, 1])  # channels move together
-    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # 25 offsets, 64 draws
 
 
 def test_predict_logits_and_accuracy_by_hand() -> None:

@@ -1,0 +1,54 @@
+"""Label-preserving image augmentations, seeded by an explicit ``torch.Generator``.
+
+Used for teacher pretraining (``models.pretrain.augment``) and, on the server, for the
+student's pseudo-batches (``distill.augment``). The teachers label each pseudo-sample once, as
+it left G; the student then sees a shifted and/or mirrored copy against that same target. This
+assumes the teachers' outputs are (nearly) invariant to a shift of a pixel or two and, with
+``flip``, to a left-right mirror: true for Fashion-MNIST garments and natural images, NOT for
+digits or text (a mirrored 3 is not a 3), so flips are off by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_shift(images: Tensor, *, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Shift each image of ``[B, C, H, W]`` by up to ``max_shift`` pixels each way.
+
+    Zero padding of ``max_shift`` on every side, then a crop of the original size at a uniform
+    offset in ``[0, 2·max_shift]`` per axis and per image. Works on float and uint8 batches.
+    """
+    if max_shift == 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(images.device)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [B, H]
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [B, W]
+    batch_index = torch.arange(batch, device=images.device)[:, None, None]
+    # Advanced indexing on dims 0, 2, 3 moves the channel dim last: [B, H, W, C].
+    cropped = padded[batch_index, :, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(images: Tensor, *, generator: torch.Generator) -> Tensor:
+    """Mirror each image of ``[B, C, H, W]`` left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = flip.to(images.device)[:, None, None, None]
+    return torch.where(flip, images.flip(-1), images)
+
+
+def augment_batches(
+    batches: Tensor, *, shift: int, flip: bool, generator: torch.Generator
+) -> Tensor:
+    """Augment every batch of ``[steps, B, C, H, W]``: shift by up to ``shift`` pixels, then
+    mirror with probability 1/2 when ``flip``; one draw per image from ``generator``."""
+    steps, batch = batches.shape[:2]
+    flat = batches.reshape(steps * batch, *batches.shape[2:])
+    flat = random_shift(flat, max_shift=shift, generator=generator)
+    if flip:
+        flat = random_flip(flat, generator=generator)
+    return flat.reshape(batches.shape)
