@@ -368,7 +368,8 @@ def train_classifier(
                 f"lower models.pretrain.lr (now {config.lr})"
             )
         history.append(record)
-        logger.debug(
+        # INFO: one line per epoch in logs, so a long teacher shows that it moves.
+        logger.info(
             "%s epoch %d/%d: loss %.4f, train accuracy %.4f, lr %.3g",
             progress_desc or "training", epoch + 1, config.epochs, record["loss"],
             record["accuracy"], record["lr"],

@@ -360,3 +360,13 @@ def test_digits_teacher_reaches_95_percent() -> None:
     config = PretrainConfig(epochs=15, batch_size=64)
     train_classifier(model, splits.train_images, splits.train_labels, config=config, seed=0, device="cpu")
     assert evaluate_accuracy(model, splits.test_images, splits.test_labels, batch_size=512) >= 0.95
+
+
+def test_training_logs_one_info_line_per_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    images, labels = _toy_data(8)
+    config = PretrainConfig(epochs=3, batch_size=4, lr=0.01)
+    with caplog.at_level(logging.INFO, logger="fed_dfkd.data.teachers"):
+        train_classifier(_toy_model(), images, labels, config=config, seed=0, device="cpu",
+                         progress_desc="teacher x")
+    lines = [r.getMessage() for r in caplog.records if "epoch" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [f"teacher x epoch {e}/3" for e in (1, 2, 3)]
