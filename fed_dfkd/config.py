@@ -136,6 +136,10 @@ class MethodConfig:
     activation_weight: float | None = None
     adversarial_weight: float | None = None
     adversarial_divergence: Literal["kl", "l1", "js", "adi"] | None = None
+    # Whether the adversarial term's gradient also flows through the teacher's logits (true: every
+    # reference) or only through the student's (false: algorithms.md §12 item 4, the teacher's
+    # answer held fixed, so G cannot raise the divergence by pushing the teacher to extremes).
+    adversarial_through_teacher: bool = True
     total_variation_weight: float | None = None
     r2m_weight: float | None = None
     relation_weight: float | None = None

@@ -182,7 +182,7 @@ class Synthesizer(abc.ABC):
             if weights["adversarial"]:
                 terms["adversarial"] = adversarial_loss(
                     student_logits,
-                    teacher_logits,
+                    teacher_logits if self.method.adversarial_through_teacher else teacher_logits.detach(),
                     divergence=str(self.method.adversarial_divergence),
                     temperature=ADVERSARIAL_TEMPERATURE,
                 )

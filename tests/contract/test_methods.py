@@ -447,3 +447,43 @@ def test_zero_generator_steps_change_nothing(fitted_teacher, name):
     assert report.steps == 0 and report.loss == 0.0 and dict(report.terms) == {}
     assert_tensors_equal(generator_before, cloned_state(setup.generator))
     assert_same_state(state_before, setup.synthesizer.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The adversarial term's gradient path (method.adversarial_through_teacher)
+# --------------------------------------------------------------------------------------------
+
+
+def _adversarial_image_gradient(setup: Setup, images: Tensor) -> Tensor:
+    images = images.clone().requires_grad_(True)
+    # Every term off but the adversarial one, at weight 1.
+    weights = {term: 0.0 for term in setup.synthesizer.term_weights(MID_RUN)} | {"adversarial": 1.0}
+    loss, _, _ = setup.synthesizer.objective(
+        teacher=setup.teacher, student=setup.student, images=images, progress=MID_RUN, weights=weights,
+    )
+    (grad,) = torch.autograd.grad(loss, images)
+    return grad
+
+
+@pytest.mark.parametrize("name", ["adadfkd", "cudfkd", "dfad"])
+def test_the_adversarial_term_can_reach_g_through_the_student_only(fitted_teacher, name):
+    from fed_dfkd.losses import adversarial_loss
+    from fed_dfkd.synthesis.base import ADVERSARIAL_TEMPERATURE
+
+    images = torch.rand(BATCH_SIZE, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+    both = Setup(fitted_teacher, name)
+    student_only = Setup(fitted_teacher, name, adversarial_through_teacher=False)
+    for setup in (both, student_only):
+        setup.teacher.eval()
+        setup.student.eval()
+    # The oracle: the same divergence with the teacher's logits as constants.
+    x = images.clone().requires_grad_(True)
+    with torch.no_grad():
+        fixed_teacher = student_only.teacher(x)
+    expected = torch.autograd.grad(adversarial_loss(
+        student_only.student(x), fixed_teacher,
+        divergence=str(student_only.cfg.method.adversarial_divergence), temperature=ADVERSARIAL_TEMPERATURE,
+    ), x)[0]
+    got = _adversarial_image_gradient(student_only, images)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(_adversarial_image_gradient(both, images), got)
