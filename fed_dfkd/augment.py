@@ -1,9 +1,9 @@
 """Label-preserving image augmentations, seeded by an explicit ``torch.Generator``.
 
 Used for teacher pretraining (``models.pretrain.augment``) and, on the server, for the
-student's pseudo-batches (``distill.augment``). The teachers label each pseudo-sample once, as
-it left G; the student then sees a shifted and/or mirrored copy against that same target. This
-assumes the teachers' outputs are (nearly) invariant to a shift of a pixel or two and, with
+student's pseudo-batches (``distill.augment_shift``, ``distill.augment_flip``). The teachers
+label each pseudo-sample once, as it left G; the student then sees a shifted and/or mirrored
+copy against that same target. This assumes the teachers' outputs are (nearly) invariant to a shift of a pixel or two and, with
 ``flip``, to a left-right mirror: true for Fashion-MNIST garments and natural images, NOT for
 digits or text (a mirrored 3 is not a 3), so flips are off by default.
 """

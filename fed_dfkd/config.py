@@ -77,7 +77,8 @@ class DataConfig:
     split_seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
-    # Held out by the coordinator for evaluation only; never used for training the student.
+    # Batch size of every evaluation pass over the test split (memory only; results do not
+    # depend on it).
     eval_batch_size: int = 1024
 
 
@@ -337,6 +338,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # X | None: X's own message (e.g. "must be finite") says more
+            raise errors[0]
         raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -536,7 +539,7 @@ ZO_SMOOTHING_MIN = 2.0 / 255.0
 
 
 def _check(cfg: ExperimentConfig) -> None:
-    from fed_dfkd.data import dataset_names
+    from fed_dfkd.data import dataset_info, dataset_names
     from fed_dfkd.models import CLASSIFIERS, GENERATORS
 
     d, m, me, di, cu, fe, pr, ru = (
@@ -564,6 +567,10 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(g.latent_dim >= 1, "models.generator.latent_dim", "must be >= 1")
     _require(g.width >= 1, "models.generator.width", "must be >= 1")
     _require(g.depth >= 1, "models.generator.depth", "must be >= 1")
+    image_size = dataset_info(d.dataset).image_size
+    _require(image_size % 2**g.depth == 0, "models.generator.depth",
+             f"G upsamples by 2**depth = {2**g.depth}, which must divide {d.dataset}'s image size "
+             f"{image_size}: use a depth whose 2**depth divides {image_size}")
     p = m.pretrain
     _require(p.epochs >= 1, "models.pretrain.epochs", "must be >= 1")
     _require(p.batch_size >= 1, "models.pretrain.batch_size", "must be >= 1")
@@ -625,6 +632,9 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(fe.zo_batch_size == 0 or fe.zo_batch_size >= 2, "federation.zo_batch_size",
              "must be 0 (no generator training in logits_only) or >= 2 (G runs with batch statistics)")
     _require(fe.zo_directions >= 1, "federation.zo_directions", "must be >= 1")
+    _require(fe.max_update_norm is None or fe.max_update_norm > 0, "federation.max_update_norm",
+             "must be > 0 or null (null: no bound); a bound <= 0 would reject every reply")
+    _require(fe.round_timeout > 0, "federation.round_timeout", "must be > 0 (seconds)")
     _require(fe.sample_transport == "pixels" or fe.mode == "generator_and_logits",
              "federation.sample_transport",
              "seed needs mode generator_and_logits: in logits_only the clients hold no generator")
@@ -656,9 +666,11 @@ def _check(cfg: ExperimentConfig) -> None:
                  f"{di.ensemble!r} weighs teachers by their class histograms, which a DP teacher "
                  "releases only through the summary (privacy.summary: true)")
     if pr.level == "client":
-        if pr.noise_multiplier:
-            _require(math.isfinite(pr.generator_clip) and math.isfinite(pr.logit_clip),
-                     "privacy.generator_clip", "noise needs finite clip bounds (the noise is σ x clip)")
+        if pr.noise_multiplier or pr.target_epsilon is not None:
+            for clip in ("generator_clip", "logit_clip"):
+                _require(math.isfinite(getattr(pr, clip)), f"privacy.{clip}",
+                         "client-level noise needs finite clip bounds (the noise is σ x clip); "
+                         ".inf only with noise_multiplier: 0")
         # The class histograms and train sizes behind these rules are the client's private data.
         _require(di.ensemble in ("mean", "median", "trimmed_mean"), "distill.ensemble",
                  f"{di.ensemble!r} weighs clients by their class histograms or sizes, which client-"

@@ -527,3 +527,40 @@ def test_validate_config_prints_the_resolved_config(capsys):
     assert printed == load_config(QUICKSTART, ["federation.rounds=7"])
     assert printed.federation.rounds == 7
     assert printed.method.r2m_weight == method_defaults("adadfkd")["r2m_weight"]
+
+
+# --------------------------------------------------------------------------------------------
+# Rules found in review (session 3)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, field", [
+    # Client-level noise calibrated from a target ε still scales with the clips.
+    (("privacy.level=client", "privacy.target_epsilon=4", "distill.ensemble=mean",
+      "federation.update_aggregation=mean", "privacy.generator_clip=.inf"), "privacy.generator_clip"),
+    (("privacy.level=client", "privacy.target_epsilon=4", "distill.ensemble=mean",
+      "federation.update_aggregation=mean", "privacy.logit_clip=.inf"), "privacy.logit_clip"),
+    # G upsamples by 2**depth, which must divide the dataset's image size (digits: 8).
+    (("data.dataset=digits", "models.generator.depth=4"), "models.generator.depth"),
+    (("federation.max_update_norm=0",), "federation.max_update_norm"),
+    (("federation.max_update_norm=-1",), "federation.max_update_norm"),
+    (("federation.round_timeout=-5",), "federation.round_timeout"),
+])
+def test_rules_found_in_review_name_their_field(overrides, field):
+    assert config_error(overrides=overrides).field_path == field
+
+
+def test_infinite_clips_stay_allowed_without_noise():
+    cfg = config_from_dict({}, ("privacy.level=client", "privacy.noise_multiplier=0",
+                                "distill.ensemble=mean", "federation.update_aggregation=mean",
+                                "privacy.generator_clip=.inf", "privacy.logit_clip=.inf"))
+    assert cfg.privacy.generator_clip == float("inf")
+
+
+def test_a_float_or_null_key_reports_why_a_value_is_refused():
+    error = config_error(overrides=("method.adversarial_weight=.inf",))
+    assert error.field_path == "method.adversarial_weight" and "finite" in str(error)
+
+
+def test_a_depth_that_divides_the_image_size_loads():
+    assert config_from_dict({}, ("data.dataset=fashion_mnist", "models.generator.depth=2")).models.generator.depth == 2
