@@ -3,9 +3,11 @@
 Used for teacher pretraining (``models.pretrain.augment``) and, on the server, for the
 student's pseudo-batches (``distill.augment_shift``, ``distill.augment_flip``). The teachers
 label each pseudo-sample once, as it left G; the student then sees a shifted and/or mirrored
-copy against that same target. This assumes the teachers' outputs are (nearly) invariant to a shift of a pixel or two and, with
-``flip``, to a left-right mirror: true for Fashion-MNIST garments and natural images, NOT for
-digits or text (a mirrored 3 is not a 3), so flips are off by default.
+copy against that same target. That assumes the teachers' answers barely change under a shift
+of a pixel or two and, with ``flip``, under a left-right mirror. Plausible for real garments
+and natural images, never for digits (a mirrored 3 is not a 3); on Fashion-MNIST
+pseudo-samples both options cost accuracy (bench/results/fmnist_tuning.md), so both are off
+by default.
 """
 
 from __future__ import annotations
