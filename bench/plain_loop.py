@@ -1,0 +1,145 @@
+"""A plain data-free distillation loop, outside the framework's round machinery.
+
+The yardstick for `fed-dfkd distill`: the same teacher, student, generator and loss functions,
+but the loop written out in one page as the reference scripts have it (algorithms.md §1.3):
+each iteration takes ``--g-steps`` Adam steps on G (train mode, fresh latents), then
+``--s-steps`` student steps, each on a FRESH batch drawn from the just-updated G. Nothing is
+quantised, replayed, checkpointed or labelled ahead of time. Wall time is the budget.
+
+    python bench/plain_loop.py --config configs/fmnist_tuned.yaml \
+        --teacher runs/fmnist_probe/teachers/central.pt --seconds 300
+
+Prints one line per evaluation (elapsed seconds, iterations, student steps, test accuracy)
+and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from fed_dfkd.config import load_config
+from fed_dfkd.coordinator import build_pseudo_generator, build_student
+from fed_dfkd.data.datasets import load_experiment_data
+from fed_dfkd.data.teachers import evaluate_accuracy, load_teacher
+from fed_dfkd.losses import (
+    BatchNormStatistics,
+    adversarial_loss,
+    class_balance_loss,
+    kd_loss,
+    one_hot_loss,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="experiment config (dataset, models, G size)")
+    ap.add_argument("--teacher", required=True, help="a teacher .pt saved by fed-dfkd pretrain")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, as on every fed-dfkd command (e.g. models.student=lenet5)")
+    ap.add_argument("--seconds", type=float, default=300.0, help="wall-time budget")
+    ap.add_argument("--eval-seconds", type=float, default=30.0, help="evaluate this often")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--g-steps", type=int, default=1)
+    ap.add_argument("--s-steps", type=int, default=5)
+    ap.add_argument("--g-lr", type=float, default=1e-3)
+    ap.add_argument("--g-betas", default="0.5,0.999")
+    ap.add_argument("--s-opt", choices=["adam", "sgd"], default="adam")
+    ap.add_argument("--s-lr", type=float, default=1e-3)
+    ap.add_argument("--cosine-steps", type=int, default=0,
+                    help="cosine-anneal the student lr to 0 over this many student steps (0: constant)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--w-bn", type=float, default=1.0)
+    ap.add_argument("--w-oh", type=float, default=1.0)
+    ap.add_argument("--w-adv", type=float, default=1.0)
+    ap.add_argument("--w-bal", type=float, default=0.0)
+    ap.add_argument("--adv", default="kl", help="adversarial divergence: kl, l1, js")
+    ap.add_argument("--sample-mode", choices=["train", "eval"], default="train",
+                    help="G's BatchNorm mode when drawing the student's batches")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set)
+    splits = load_experiment_data(cfg)
+    teacher, _ = load_teacher(args.teacher)
+    torch.manual_seed(args.seed)
+    student = build_student(cfg, splits.info)
+    generator = build_pseudo_generator(cfg, splits.info)
+    betas = tuple(float(b) for b in args.g_betas.split(","))
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.g_lr, betas=betas)
+    if args.s_opt == "adam":
+        opt_s = torch.optim.Adam(student.parameters(), lr=args.s_lr)
+    else:
+        opt_s = torch.optim.SGD(student.parameters(), lr=args.s_lr, momentum=0.9, weight_decay=1e-4)
+    rng = torch.Generator().manual_seed(args.seed)
+    teacher_acc = evaluate_accuracy(teacher, splits.test_images, splits.test_labels, batch_size=1000)
+
+    def draw() -> torch.Tensor:
+        z = generator.sample_latent(args.batch, rng=rng)
+        return generator(z, generator.sample_labels(args.batch, rng=rng))
+
+    start = time.perf_counter()
+    next_eval = args.eval_seconds
+    iterations = student_steps = 0
+    history = []
+    while True:
+        # -- generator phase: G.train, S.eval, T frozen --------------------------------------
+        generator.train()
+        student.eval()
+        for _ in range(args.g_steps):
+            x = draw()
+            with BatchNormStatistics(teacher) as bn:
+                t = teacher(x)
+                loss = args.w_bn * bn.loss()
+            if args.w_oh:
+                loss = loss + args.w_oh * one_hot_loss(t)
+            if args.w_bal:
+                loss = loss + args.w_bal * class_balance_loss(t, temperature=1.0)
+            if args.w_adv:
+                loss = loss + args.w_adv * adversarial_loss(student(x), t, divergence=args.adv,
+                                                            temperature=3.0)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward(inputs=list(generator.parameters()))
+            opt_g.step()
+        # -- student phase: each step on a fresh batch of the updated G ----------------------
+        generator.train(args.sample_mode == "train")
+        student.train()
+        for _ in range(args.s_steps):
+            if args.cosine_steps:
+                frac = min(student_steps / args.cosine_steps, 1.0)
+                for group in opt_s.param_groups:
+                    group["lr"] = args.s_lr * 0.5 * (1 + math.cos(math.pi * frac))
+            with torch.no_grad():
+                x = draw()
+                t = teacher(x)
+            s_loss = kd_loss(student(x), t, divergence="kl", temperature=args.temperature)
+            opt_s.zero_grad(set_to_none=True)
+            s_loss.backward()
+            opt_s.step()
+            student_steps += 1
+        iterations += 1
+        elapsed = time.perf_counter() - start
+        done = elapsed >= args.seconds or (args.cosine_steps and student_steps >= args.cosine_steps)
+        if elapsed >= next_eval or done:
+            student.eval()
+            acc = evaluate_accuracy(student, splits.test_images, splits.test_labels, batch_size=1000)
+            history.append({"seconds": round(elapsed, 1), "iterations": iterations,
+                            "student_steps": student_steps, "accuracy": acc})
+            print(f"{elapsed:7.1f}s it {iterations:5d} S steps {student_steps:6d} acc {acc:.4f} "
+                  f"({acc / teacher_acc:.3f}x)", flush=True)
+            next_eval += args.eval_seconds
+        if done:
+            break
+    print(json.dumps({"args": vars(args), "teacher_accuracy": teacher_acc,
+                      "final_accuracy": history[-1]["accuracy"],
+                      "best_accuracy": max(h["accuracy"] for h in history), "history": history}))
+
+
+if __name__ == "__main__":
+    main()
