@@ -60,7 +60,9 @@ def main() -> None:
     ap.add_argument("--adv", default="kl", help="adversarial divergence: kl, l1, js")
     ap.add_argument("--sample-mode", choices=["train", "eval"], default="train",
                     help="G's BatchNorm mode when drawing the student's batches")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mixup", type=float, default=0.0,
+                    help="fraction of each student batch replaced by mixup pairs of G's samples, "
+                         "labelled by the teacher like the rest")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -68,7 +70,6 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     splits = load_experiment_data(cfg)
     teacher, _ = load_teacher(args.teacher)
-    torch.manual_seed(args.seed)
     student = build_student(cfg, splits.info)
     generator = build_pseudo_generator(cfg, splits.info)
     betas = tuple(float(b) for b in args.g_betas.split(","))
@@ -77,7 +78,9 @@ def main() -> None:
         opt_s = torch.optim.Adam(student.parameters(), lr=args.s_lr)
     else:
         opt_s = torch.optim.SGD(student.parameters(), lr=args.s_lr, momentum=0.9, weight_decay=1e-4)
-    rng = torch.Generator().manual_seed(args.seed)
+    # One seed, runtime.seed (--set runtime.seed=N): G's and S's initialisation as in the
+    # framework, and this stream for the latents and the mixup pairs.
+    rng = torch.Generator().manual_seed(cfg.runtime.seed)
     teacher_acc = evaluate_accuracy(teacher, splits.test_images, splits.test_labels, batch_size=1000)
 
     def draw() -> torch.Tensor:
@@ -117,6 +120,10 @@ def main() -> None:
                     group["lr"] = args.s_lr * 0.5 * (1 + math.cos(math.pi * frac))
             with torch.no_grad():
                 x = draw()
+                if args.mixup:
+                    k = int(round(args.mixup * len(x)))
+                    lam = torch.rand(k, 1, 1, 1, generator=rng)
+                    x = torch.cat([x[k:], lam * x[:k] + (1 - lam) * x[torch.randperm(len(x), generator=rng)[:k]]])
                 t = teacher(x)
             s_loss = kd_loss(student(x), t, divergence="kl", temperature=args.temperature)
             opt_s.zero_grad(set_to_none=True)
@@ -136,7 +143,9 @@ def main() -> None:
             next_eval += args.eval_seconds
         if done:
             break
-    print(json.dumps({"args": vars(args), "teacher_accuracy": teacher_acc,
+    # A fingerprint of the student's weights: equal for two runs exactly when they trained alike.
+    checksum = float(sum(p.detach().double().abs().sum() for p in student.parameters()))
+    print(json.dumps({"args": vars(args), "teacher_accuracy": teacher_acc, "student_checksum": checksum,
                       "final_accuracy": history[-1]["accuracy"],
                       "best_accuracy": max(h["accuracy"] for h in history), "history": history}))
 

@@ -1,0 +1,59 @@
+"""``bench/plain_loop.py``, the yardstick the framework's distillation is measured against
+(bench/results/fmnist_tuning.md): it runs on a pretrained teacher, stops at its step budget,
+reports the teacher's own test accuracy, and a seed reproduces it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fed_dfkd.config import load_config
+from fed_dfkd.data.teachers import pretrain_teachers, teacher_path
+from runhelpers import QUICKSTART, REPO
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = ["models.pretrain.epochs=2", "federation.num_clients=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("plain")
+    cfg = load_config(QUICKSTART, OVERRIDES)
+    manifests = pretrain_teachers(cfg, out, central=True, clients=False)
+    (manifest,) = manifests
+    return teacher_path(out, None), float(manifest.test_accuracy)
+
+
+def _run(teacher_file: Path, *extra: str) -> dict:
+    command = [
+        sys.executable, str(REPO / "bench" / "plain_loop.py"), "--config", str(QUICKSTART),
+        "--teacher", str(teacher_file), "--seconds", "600", "--eval-seconds", "600",
+        "--batch", "32", "--g-steps", "1", "--s-steps", "3", "--cosine-steps", "9",
+        *(arg for kv in OVERRIDES for arg in ("--set", kv)), *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_runs_to_its_step_budget_and_reports_the_teacher(teacher: tuple[Path, float]) -> None:
+    path, accuracy = teacher
+    result = _run(path)
+    (last,) = result["history"]  # one evaluation: the budget ends the run before eval-seconds
+    assert last["student_steps"] == 9 and last["iterations"] == 3
+    assert 0.0 <= result["final_accuracy"] <= 1.0
+    assert result["teacher_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_a_seed_reproduces_the_run_and_another_seed_changes_it(teacher: tuple[Path, float]) -> None:
+    path, _ = teacher
+    first, again = _run(path, "--mixup", "0.5"), _run(path, "--mixup", "0.5")
+    assert first["student_checksum"] == again["student_checksum"]
+    assert first["final_accuracy"] == again["final_accuracy"]
+    other = _run(path, "--mixup", "0.5", "--set", "runtime.seed=1")
+    assert other["student_checksum"] != first["student_checksum"]
