@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
 
+from fed_dfkd.augment import random_flip, random_shift
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import evaluate_accuracy, load_teacher
+from fed_dfkd.errors import UserError
 from fed_dfkd.losses import (
     BatchNormStatistics,
     adversarial_loss,
@@ -35,7 +38,16 @@ from fed_dfkd.losses import (
 )
 
 
-def main() -> None:
+def main() -> int:
+    try:
+        run()
+    except UserError as error:  # a bad config, teacher file or dataset: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="experiment config (dataset, models, G size)")
     ap.add_argument("--teacher", required=True, help="a teacher .pt saved by fed-dfkd pretrain")
@@ -60,6 +72,11 @@ def main() -> None:
     ap.add_argument("--adv", default="kl", help="adversarial divergence: kl, l1, js")
     ap.add_argument("--sample-mode", choices=["train", "eval"], default="train",
                     help="G's BatchNorm mode when drawing the student's batches")
+    ap.add_argument("--g-jitter", type=int, default=0,
+                    help="in G's steps, shift G's images by up to this many pixels before the "
+                         "teacher and student see them (DeepInversion's jitter)")
+    ap.add_argument("--g-flip", action="store_true",
+                    help="in G's steps, also mirror half of G's images before the teacher")
     ap.add_argument("--mixup", type=float, default=0.0,
                     help="fraction of each student batch replaced by mixup pairs of G's samples, "
                          "labelled by the teacher like the rest")
@@ -97,6 +114,10 @@ def main() -> None:
         student.eval()
         for _ in range(args.g_steps):
             x = draw()
+            if args.g_jitter:
+                x = random_shift(x, max_shift=args.g_jitter, generator=rng)
+            if args.g_flip:
+                x = random_flip(x, generator=rng)
             with BatchNormStatistics(teacher) as bn:
                 t = teacher(x)
                 loss = args.w_bn * bn.loss()
@@ -151,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

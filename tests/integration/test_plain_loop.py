@@ -29,14 +29,18 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     return teacher_path(out, None), float(manifest.test_accuracy)
 
 
-def _run(teacher_file: Path, *extra: str) -> dict:
-    command = [
+def _command(teacher_file: Path, *extra: str) -> list[str]:
+    return [
         sys.executable, str(REPO / "bench" / "plain_loop.py"), "--config", str(QUICKSTART),
         "--teacher", str(teacher_file), "--seconds", "600", "--eval-seconds", "600",
         "--batch", "32", "--g-steps", "1", "--s-steps", "3", "--cosine-steps", "9",
         *(arg for kv in OVERRIDES for arg in ("--set", kv)), *extra,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _run(teacher_file: Path, *extra: str) -> dict:
+    done = subprocess.run(_command(teacher_file, *extra), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,3 +61,11 @@ def test_a_seed_reproduces_the_run_and_another_seed_changes_it(teacher: tuple[Pa
     assert first["final_accuracy"] == again["final_accuracy"]
     other = _run(path, "--mixup", "0.5", "--set", "runtime.seed=1")
     assert other["student_checksum"] != first["student_checksum"]
+
+
+def test_a_missing_teacher_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pt"
+    done = subprocess.run(_command(missing), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert str(missing) in done.stderr and done.stderr.strip().count("\n") == 0
