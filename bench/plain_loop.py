@@ -4,7 +4,9 @@ The yardstick for `fed-dfkd distill`: the same teacher, student, generator and l
 but the loop written out in one page as the reference scripts have it (algorithms.md §1.3):
 each iteration takes ``--g-steps`` Adam steps on G (train mode, fresh latents), then
 ``--s-steps`` student steps, each on a FRESH batch drawn from the just-updated G. Nothing is
-quantised, replayed, checkpointed or labelled ahead of time. Wall time is the budget.
+quantised, replayed, checkpointed or labelled ahead of time. The budget is wall time
+(``--seconds``), or a number of student steps under a cosine learning rate (``--cosine-steps``),
+whichever ends first; evaluations count against the wall time. One seed, ``runtime.seed``.
 
     python bench/plain_loop.py --config configs/fmnist_tuned.yaml \
         --teacher runs/fmnist_probe/teachers/central.pt --seconds 300
