@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -32,12 +33,41 @@ from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import evaluate_accuracy, load_teacher
 from fed_dfkd.errors import UserError
 from fed_dfkd.losses import (
+    ADVERSARIAL_DIVERGENCES,
     BatchNormStatistics,
     adversarial_loss,
     class_balance_loss,
     kd_loss,
     one_hot_loss,
 )
+
+
+def _number(kind: type, low: float, *, strict: bool) -> Any:
+    """An argparse type: a ``kind`` above ``low`` (or at least ``low`` when not ``strict``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 0, strict=True), _number(int, 0, strict=False)
+POSITIVE, NON_NEGATIVE = _number(float, 0, strict=True), _number(float, 0, strict=False)
+
+
+def _betas(text: str) -> tuple[float, float]:
+    """Adam's betas as ``b1,b2``, each in [0, 1)."""
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers b1,b2; got {text!r}") from None
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) as b1,b2; got {text!r}")
+    return betas  # type: ignore[return-value]
 
 
 def main() -> int:
@@ -55,35 +85,38 @@ def run() -> None:
     ap.add_argument("--teacher", required=True, help="a teacher .pt saved by fed-dfkd pretrain")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, as on every fed-dfkd command (e.g. models.student=lenet5)")
-    ap.add_argument("--seconds", type=float, default=300.0, help="wall-time budget")
-    ap.add_argument("--eval-seconds", type=float, default=30.0, help="evaluate this often")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--g-steps", type=int, default=1)
-    ap.add_argument("--s-steps", type=int, default=5)
-    ap.add_argument("--g-lr", type=float, default=1e-3)
-    ap.add_argument("--g-betas", default="0.5,0.999")
+    ap.add_argument("--seconds", type=POSITIVE, default=300.0, help="wall-time budget")
+    ap.add_argument("--eval-seconds", type=POSITIVE, default=30.0, help="evaluate this often")
+    ap.add_argument("--batch", type=POSITIVE_INT, default=256)
+    ap.add_argument("--g-steps", type=COUNT, default=1)
+    ap.add_argument("--s-steps", type=POSITIVE_INT, default=5)
+    ap.add_argument("--g-lr", type=POSITIVE, default=1e-3)
+    ap.add_argument("--g-betas", type=_betas, default=(0.5, 0.999), help="G's Adam betas, b1,b2")
     ap.add_argument("--s-opt", choices=["adam", "sgd"], default="adam")
-    ap.add_argument("--s-lr", type=float, default=1e-3)
-    ap.add_argument("--cosine-steps", type=int, default=0,
+    ap.add_argument("--s-lr", type=POSITIVE, default=1e-3)
+    ap.add_argument("--cosine-steps", type=COUNT, default=0,
                     help="cosine-anneal the student lr to 0 over this many student steps (0: constant)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--w-bn", type=float, default=1.0)
-    ap.add_argument("--w-oh", type=float, default=1.0)
-    ap.add_argument("--w-adv", type=float, default=1.0)
-    ap.add_argument("--w-bal", type=float, default=0.0)
-    ap.add_argument("--adv", default="kl", help="adversarial divergence: kl, l1, js")
+    ap.add_argument("--temperature", type=POSITIVE, default=1.0)
+    ap.add_argument("--w-bn", type=NON_NEGATIVE, default=1.0)
+    ap.add_argument("--w-oh", type=NON_NEGATIVE, default=1.0)
+    ap.add_argument("--w-adv", type=NON_NEGATIVE, default=1.0)
+    ap.add_argument("--w-bal", type=NON_NEGATIVE, default=0.0)
+    ap.add_argument("--adv", default="kl", choices=sorted(ADVERSARIAL_DIVERGENCES),
+                    help="adversarial divergence")
     ap.add_argument("--sample-mode", choices=["train", "eval"], default="train",
                     help="G's BatchNorm mode when drawing the student's batches")
-    ap.add_argument("--g-jitter", type=int, default=0,
+    ap.add_argument("--g-jitter", type=COUNT, default=0,
                     help="in G's steps, shift G's images by up to this many pixels before the "
                          "teacher and student see them (DeepInversion's jitter)")
     ap.add_argument("--g-flip", action="store_true",
                     help="in G's steps, also mirror half of G's images before the teacher")
-    ap.add_argument("--mixup", type=float, default=0.0,
+    ap.add_argument("--mixup", type=NON_NEGATIVE, default=0.0,
                     help="fraction of each student batch replaced by mixup pairs of G's samples, "
                          "labelled by the teacher like the rest")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=POSITIVE_INT, default=1)
     args = ap.parse_args()
+    if args.mixup > 1:
+        ap.error(f"--mixup is a fraction of the batch, in [0, 1]; got {args.mixup:g}")
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
@@ -91,8 +124,7 @@ def run() -> None:
     teacher, _ = load_teacher(args.teacher)
     student = build_student(cfg, splits.info)
     generator = build_pseudo_generator(cfg, splits.info)
-    betas = tuple(float(b) for b in args.g_betas.split(","))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.g_lr, betas=betas)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.g_lr, betas=args.g_betas)
     if args.s_opt == "adam":
         opt_s = torch.optim.Adam(student.parameters(), lr=args.s_lr)
     else:

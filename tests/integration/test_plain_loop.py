@@ -69,3 +69,13 @@ def test_a_missing_teacher_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert str(missing) in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("bad", [["--batch", "0"], ["--mixup", "1.5"], ["--g-betas", "0.9"],
+                                 ["--seconds", "nan"], ["--adv", "hinge"]])
+def test_a_bad_argument_is_a_usage_error(bad: list[str], tmp_path: Path) -> None:
+    done = subprocess.run(_command(tmp_path / "unused.pt", *bad), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("plain_loop.py: error:")
