@@ -500,6 +500,10 @@ def _student_state(checkpoint: Mapping[str, Any], path: Path) -> Mapping[str, Te
         if isinstance(holder, Mapping):
             coordinator = holder.get("coordinator")
             if isinstance(coordinator, Mapping) and isinstance(coordinator.get("student"), Mapping):
+                # With distill.student_ema the average is the reported student: audit that one.
+                trainer = coordinator.get("trainer")
+                if isinstance(trainer, Mapping) and isinstance(trainer.get("ema"), Mapping):
+                    return trainer["ema"]
                 return coordinator["student"]
     raise UserError(f"checkpoint {path} holds no student weights (no engine/server coordinator "
                     "state); it was not written by `fed-dfkd distill` or `fed-dfkd simulate`")

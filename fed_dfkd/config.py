@@ -178,6 +178,10 @@ class DistillConfig:
     # Draw the student's pseudo-batches from G with its BatchNorm running statistics ("running",
     # the reference) or with each batch's own statistics ("batch", as in G's own steps).
     sample_statistics: Literal["running", "batch"] = "running"
+    # Exponential moving average of the student's weights after every step, with this decay
+    # (0: off). When on, the average is the student that is evaluated, reported and audited;
+    # the owners' adversarial term still sees the trained student.
+    student_ema: float = 0.0
     eval_every: int = 1
 
 
@@ -600,6 +604,7 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.momentum >= 0, "distill.momentum", "must be >= 0")
     _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
     _require(di.temperature > 0, "distill.temperature", "must be > 0")
+    _require(0.0 <= di.student_ema < 1.0, "distill.student_ema", "must be in [0, 1) (0: off)")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
 
     _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")

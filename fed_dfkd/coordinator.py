@@ -65,6 +65,11 @@ class Coordinator:
         return self.round >= self.total_rounds
 
     @property
+    def evaluated_student(self) -> NormalizedClassifier:
+        """The student to evaluate and report: the weight average with ``distill.student_ema``."""
+        return self.trainer.evaluated  # type: ignore[return-value]
+
+    @property
     def progress(self) -> Progress:
         return Progress.of_round(self.round, self.total_rounds)
 

@@ -15,6 +15,7 @@ progress p (§12.3), not of epochs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -107,6 +108,11 @@ class StudentTrainer:
         self.relation_weight = float(method.relation_weight)
         self.relation_temperature = float(method.contrastive_temperature)
         self.optimizer = build_student_optimizer(student, distill)
+        # The averaged student (distill.student_ema > 0): updated after every step, never trained.
+        self.ema: Classifier | None = None
+        if distill.student_ema > 0:
+            self.ema = copy.deepcopy(student).eval()
+            self.ema.requires_grad_(False)
         self.weighting: SelfPacedWeighting | None = None
         if curriculum.enabled:
             self.weighting = SelfPacedWeighting(
@@ -156,6 +162,7 @@ class StudentTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.update_ema()
         return StudentStepReport(
             loss=float(loss.detach()),
             kd_loss=float(kd.detach().mean()),
@@ -165,6 +172,25 @@ class StudentTrainer:
             pace=pace,
             lr=lr,
         )
+
+    @property
+    def evaluated(self) -> Classifier:
+        """The student that is evaluated and reported: the average when ``student_ema`` > 0."""
+        return self.ema if self.ema is not None else self.student
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema ← d·θ_ema + (1 − d)·θ for the floating-point parameters and buffers (BatchNorm
+        running statistics included); integer buffers (BN's step counter) are copied."""
+        if self.ema is None:
+            return
+        decay = float(self.distill.student_ema)
+        live = self.student.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(decay).add_(live[name].detach(), alpha=1.0 - decay)
+            else:
+                value.copy_(live[name])
 
     def train_round(self, images: Tensor, teacher_logits: Tensor, progress: Progress) -> dict[str, float]:
         """One step per batch of ``images`` ``[steps, B, C, H, W]`` (float in [0, 1]) with targets
@@ -177,9 +203,16 @@ class StudentTrainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.weighting is not None and state["weighting"] is not None:
             self.weighting.load_state_dict(state["weighting"])
+        ema = state.get("ema")  # absent in checkpoints written before the option existed
+        if (ema is None) != (self.ema is None):
+            raise ValueError("the checkpoint's averaged student (distill.student_ema) does not match "
+                             "this run's setting")
+        if self.ema is not None:
+            self.ema.load_state_dict(ema)

@@ -729,7 +729,7 @@ class ServerLoop:
                     break
                 r = metrics["round"]
                 if r % cfg.distill.eval_every == 0 or r == total:
-                    metrics.update(evaluator.evaluate(self.server.coordinator.student))
+                    metrics.update(evaluator.evaluate(self.server.coordinator.evaluated_student))
                 metrics["step"] = r
                 metrics["wall_seconds"] = self.wall_offset + time.perf_counter() - self.started
                 self.history.append(metrics)

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = engine.run_round()
             r = metrics["round"]
             if r % cfg.distill.eval_every == 0 or r == total:
-                metrics.update(evaluator.evaluate(engine.student))
+                metrics.update(evaluator.evaluate(engine.coordinator.evaluated_student))
             metrics["step"] = r
             metrics["wall_seconds"] = wall_offset + time.perf_counter() - started
             if privacy["epsilon"] is not None:

@@ -162,9 +162,11 @@ def test_resuming_a_finished_run_runs_no_more_rounds(completed_run, tmp_path, te
 
 # Replay keeps labelled batches of past rounds in the engine state: resume must restore them too.
 REPLAY = ["distill.replay_rounds=1", "distill.pseudo_batches=2"]
+# The averaged student is engine state too.
+EMA = ["distill.student_ema=0.8"]
 
 
-@pytest.mark.parametrize("variant", ["default", "replay"])
+@pytest.mark.parametrize("variant", ["default", "replay", "ema"])
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_run, tmp_path, teachers,
                                                                     monkeypatch, capsys, variant):
     overrides = FAST
@@ -172,6 +174,9 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
         if not {"replay_rounds", "pseudo_batches"} <= {f.name for f in dataclasses.fields(DistillConfig)}:
             pytest.skip("distill.replay_rounds is not in this version of the config")
         overrides = [*FAST, *REPLAY]
+    if variant == "ema":
+        overrides = [*FAST, *EMA]
+    if variant != "default":
         completed_run = tmp_path / "a"
         assert distill(completed_run, teachers=teachers, overrides=overrides) == 0
     out = tmp_path / "b"
@@ -212,6 +217,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
     report = json.loads((out / "report.json").read_text())
     assert report["rounds_completed"] == ROUNDS
     assert [h["step"] for h in report["history"]] == [1, 2, 3]
+    if variant == "ema":
+        assert resumed["engine"]["coordinator"]["trainer"]["ema"] is not None
 
 
 def test_resume_after_a_crash_between_metrics_and_checkpoint_redoes_the_round(completed_run, tmp_path, teachers,
@@ -281,3 +288,25 @@ def test_distill_logs_one_line_per_round_off_a_terminal(tmp_path, teachers):
     assert result.returncode == 0, result.stderr
     for r in range(1, ROUNDS + 1):
         assert f"round {r}/{ROUNDS}" in result.stderr
+
+
+def test_with_an_averaged_student_the_average_is_what_is_reported_and_audited(tmp_path, teachers):
+    from fed_dfkd.audit import _student_state
+    from fed_dfkd.coordinator import build_student
+    from fed_dfkd.data.datasets import load_experiment_data
+    from fed_dfkd.data.teachers import evaluate_accuracy
+
+    out = tmp_path / "ema"
+    assert distill(out, teachers=teachers, overrides=[*FAST, *EMA]) == 0
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    coordinator = checkpoint["engine"]["coordinator"]
+    average, trained = coordinator["trainer"]["ema"], coordinator["student"]
+    assert any(not torch.equal(average[k], trained[k]) for k in trained)
+    cfg = load_config(out / "config.resolved.yaml")
+    splits = load_experiment_data(cfg)
+    student = build_student(cfg, splits.info)
+    student.load_state_dict(average)
+    report = json.loads((out / "report.json").read_text())
+    expected = evaluate_accuracy(student, splits.test_images, splits.test_labels, batch_size=1024)
+    assert report["student_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert _student_state(checkpoint, out) is average

@@ -293,3 +293,69 @@ def test_state_round_trip_without_curriculum():
     other = trainer_for(other_student)
     other.load_state_dict(state)
     assert same_report(trainer.step(*batch(1), Progress(0.1)), other.step(*batch(1), Progress(0.1)))
+
+
+# --------------------------------------------------------------------------------------------
+# The averaged student (distill.student_ema)
+# --------------------------------------------------------------------------------------------
+
+
+def test_without_ema_the_evaluated_student_is_the_trained_one():
+    student = random_student(0)
+    trainer = trainer_for(student)
+    assert trainer.ema is None and trainer.evaluated is student
+    assert trainer.state_dict()["ema"] is None
+
+
+def test_the_ema_follows_its_recursion_in_closed_form():
+    decay = 0.75
+    student = random_student(0)
+    trainer = trainer_for(student, student_ema=decay)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    expected = {k: v.clone() for k, v in start.items()}
+    for seed in range(3):
+        trainer.step(*batch(seed), Progress(0.0))
+        # θ_ema ← d·θ_ema + (1 − d)·θ after every step, from θ_ema = θ_0.
+        expected = {k: decay * expected[k] + (1 - decay) * v for k, v in student.state_dict().items()}
+    assert trainer.evaluated is trainer.ema and trainer.evaluated is not student
+    for name, value in trainer.ema.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+        assert not torch.equal(value, student.state_dict()[name])  # the average lags the student
+    assert not any(p.requires_grad for p in trainer.ema.parameters())
+
+
+def test_the_ema_averages_batchnorm_statistics_and_copies_the_step_counter():
+    decay = 0.5
+    student = nn.Sequential(nn.BatchNorm1d(2))
+    trainer = StudentTrainer.__new__(StudentTrainer)  # only update_ema is exercised
+    trainer.student, trainer.distill = student, distill_config(student_ema=decay)
+    trainer.ema = copy.deepcopy(student)
+    student.train()
+    student(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))  # running mean: 0.1·(2, 4); one batch tracked
+    trainer.update_ema()
+    ema = trainer.ema.state_dict()
+    torch.testing.assert_close(ema["0.running_mean"], 0.5 * torch.tensor([0.2, 0.4]))
+    assert int(ema["0.num_batches_tracked"]) == 1
+
+
+def test_the_ema_survives_a_state_round_trip():
+    student = random_student(0)
+    trainer = trainer_for(student, student_ema=0.9)
+    for seed in range(2):
+        trainer.step(*batch(seed), Progress(0.0))
+    saved = _roundtrip({"student": student.state_dict(), "trainer": trainer.state_dict()})
+    resumed = random_student(7)
+    resumed.load_state_dict(saved["student"])
+    resumed_trainer = trainer_for(resumed, student_ema=0.9)
+    resumed_trainer.load_state_dict(saved["trainer"])
+    for seed in (2, 3):
+        trainer.step(*batch(seed), Progress(0.0))
+        resumed_trainer.step(*batch(seed), Progress(0.0))
+    for a, b in zip(trainer.ema.state_dict().values(), resumed_trainer.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    # A checkpoint with an average cannot resume a run without one, and the reverse.
+    with pytest.raises(ValueError, match="student_ema"):
+        trainer_for(random_student(0)).load_state_dict(saved["trainer"])
+    with pytest.raises(ValueError, match="student_ema"):
+        trainer_for(random_student(0), student_ema=0.9).load_state_dict(
+            trainer_for(random_student(0)).state_dict())
