@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fed_dfkd.augment import random_flip, random_shift
+from fed_dfkd.augment import random_shift
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data.datasets import load_experiment_data
@@ -108,8 +108,6 @@ def run() -> None:
     ap.add_argument("--g-jitter", type=COUNT, default=0,
                     help="in G's steps, shift G's images by up to this many pixels before the "
                          "teacher and student see them (DeepInversion's jitter)")
-    ap.add_argument("--g-flip", action="store_true",
-                    help="in G's steps, also mirror half of G's images before the teacher")
     ap.add_argument("--mixup", type=NON_NEGATIVE, default=0.0,
                     help="fraction of each student batch replaced by mixup pairs of G's samples, "
                          "labelled by the teacher like the rest")
@@ -150,8 +148,6 @@ def run() -> None:
             x = draw()
             if args.g_jitter:
                 x = random_shift(x, max_shift=args.g_jitter, generator=rng)
-            if args.g_flip:
-                x = random_flip(x, generator=rng)
             with BatchNormStatistics(teacher) as bn:
                 t = teacher(x)
                 loss = args.w_bn * bn.loss()
