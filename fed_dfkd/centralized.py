@@ -5,7 +5,8 @@ same order and with the same random streams (:class:`~fed_dfkd.coordinator.Coord
 
 1. draw the round's pseudo-batches X from G (eval mode, uint8 when ``distill.quantize_samples``);
 2. the teachers' logits on X, aggregated into targets (``distill.ensemble``);
-3. ``method.generator_steps`` generator steps against the teacher(s) and the student as it was
+3. (``method.generator_reset``: G re-initialised, its optimizer state cleared;)
+   ``method.generator_steps`` generator steps against the teacher(s) and the student as it was
    at the start of the round (what a client receives), directly on G;
 4. ``distill.student_steps`` student steps on the labelled batches.
 
@@ -90,6 +91,8 @@ class CentralDistillation:
         started = time.perf_counter()
         samples = c.draw_samples()
         targets = self.teacher_targets(as_float_images(samples).flatten(0, 1))
+        if self.cfg.method.generator_reset:  # after the draw: this round's samples are labelled
+            c.reset_generator(self.generator_optimizer)
         synthesis = self.synthesizer.step(
             teacher=self.teacher, student=self.student, generator=self.generator,
             optimizer=self.generator_optimizer, progress=progress,

@@ -130,7 +130,15 @@ class MethodConfig:
     generator_lr: float = 1e-3
     generator_betas: tuple[float, float] = (0.9, 0.99)
     generator_steps: int = 1
+    # Re-initialise G (seeded by the round) and its optimizer state every round, after the
+    # round's pseudo-batches are drawn: each round's samples then come from a G trained for
+    # generator_steps steps from scratch (DENSE / CMI style). Pair with a large
+    # distill.replay_rounds, so the student trains on the pool of all rounds' samples.
+    generator_reset: bool = False
     bn_statistics_weight: float | None = None
+    # "absolute": the reference's L_bn; "standardized": each gap in units of the target's spread
+    # (fed_dfkd/losses/bn_statistics.py), so every layer of a deep teacher counts alike.
+    bn_statistics_scale: Literal["absolute", "standardized"] = "absolute"
     one_hot_weight: float | None = None
     class_balance_weight: float | None = None
     class_balance_temperature: float | None = None
@@ -160,6 +168,9 @@ class DistillConfig:
     student_steps: int = 10
     # Past rounds whose labelled pseudo-batches the student replays (0 = this round only).
     replay_rounds: int = 0
+    # How replayed rounds are mixed: whole stored batches (one round's G per student batch), or
+    # batches drawn sample by sample from the whole pool.
+    replay_sampling: Literal["batches", "samples"] = "batches"
     # Server-side augmentation of the student's pseudo-batches (fed_dfkd/augment.py): a random
     # shift of up to augment_shift pixels, and a left-right mirror with probability 1/2 when
     # augment_flip (only where the classes are mirror-symmetric: not digits). The teachers'
@@ -643,6 +654,12 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(fe.sample_transport == "pixels" or fe.mode == "generator_and_logits",
              "federation.sample_transport",
              "seed needs mode generator_and_logits: in logits_only the clients hold no generator")
+    _require(not me.generator_reset or fe.sample_transport == "pixels",
+             "method.generator_reset",
+             "needs federation.sample_transport: pixels (with seed the clients would regenerate "
+             "the round's samples from the re-initialised G, not the one they were drawn from)")
+    _require(not me.generator_reset or fe.mode == "generator_and_logits",
+             "method.generator_reset", "needs federation.mode: generator_and_logits")
     _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
              "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.

@@ -33,9 +33,13 @@ def build_student(cfg: ExperimentConfig, info: DatasetInfo) -> NormalizedClassif
     return NormalizedClassifier(net, info.mean, info.std)
 
 
-def build_pseudo_generator(cfg: ExperimentConfig, info: DatasetInfo) -> Generator:
+def build_pseudo_generator(cfg: ExperimentConfig, info: DatasetInfo, *, reset_round: int | None = None) -> Generator:
+    """G at its seeded initialisation; with ``reset_round``, the re-initialisation of that
+    round (``method.generator_reset``), from its own seed."""
     g = cfg.models.generator
-    torch.manual_seed(derive_seed(cfg.runtime.seed, "generator-init"))
+    seed = cfg.runtime.seed
+    torch.manual_seed(derive_seed(seed, "generator-init") if reset_round is None
+                      else derive_seed(seed, "generator-reset", reset_round))
     return build_generator(
         g.arch, latent_dim=g.latent_dim, width=g.width, depth=g.depth,
         image_size=info.image_size, channels=info.in_channels, init=g.init,
@@ -56,7 +60,7 @@ class Coordinator:
         self.student = build_student(cfg, info).to(self.device)
         self.generator = build_pseudo_generator(cfg, info).to(self.device)
         self.trainer = StudentTrainer(self.student, cfg.distill, cfg.curriculum, cfg.method)
-        self.replay = ReplayBuffer(cfg.distill.replay_rounds)
+        self.replay = ReplayBuffer(cfg.distill.replay_rounds, sampling=cfg.distill.replay_sampling)
         self.round = 0
         self.total_rounds = cfg.federation.rounds
 
@@ -82,6 +86,15 @@ class Coordinator:
             rng=make_rng(self.cfg.runtime.seed, "pseudo-batches", self.round, device=self.device),
             quantize=d.quantize_samples, batch_statistics=d.sample_statistics == "batch",
         )
+
+    @torch.no_grad()
+    def reset_generator(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """``method.generator_reset``: G back to a fresh initialisation seeded by the round (its
+        weights and BN running statistics), and ``optimizer``'s state (Adam's moments) cleared."""
+        fresh = build_pseudo_generator(self.cfg, self.info, reset_round=self.round)
+        self.generator.load_state_dict(fresh.state_dict())
+        if optimizer is not None:
+            optimizer.state.clear()
 
     @torch.no_grad()
     def apply_generator_update(self, delta: Mapping[str, Tensor]) -> None:

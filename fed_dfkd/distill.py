@@ -49,8 +49,11 @@ class ReplayBuffer:
     uint8 when they arrived so.
     """
 
-    def __init__(self, rounds: int) -> None:
+    def __init__(self, rounds: int, *, sampling: str = "batches") -> None:
+        if sampling not in ("batches", "samples"):
+            raise ValueError(f"sampling must be 'batches' or 'samples', got {sampling!r}")
         self.rounds = rounds
+        self.sampling = sampling
         self._entries: list[tuple[Tensor, Tensor]] = []
 
     def add(self, images: Tensor, targets: Tensor) -> None:
@@ -67,11 +70,18 @@ class ReplayBuffer:
         """The ``steps`` (images, targets) batches to train on this round.
 
         Without replay and with one batch per step this is the round's batches in order (the
-        reference's fresh batch per step); otherwise batches are drawn uniformly with ``rng``.
+        reference's fresh batch per step); otherwise stored batches are drawn uniformly with
+        ``rng``, or, with ``sampling="samples"``, each batch's samples are drawn uniformly from
+        every stored sample (so one batch mixes the rounds).
         """
         images, targets = self.batches()
         if self.rounds == 0 and len(images) == steps:
             return images, targets
+        if self.sampling == "samples":
+            batch = images.shape[1]
+            flat_images, flat_targets = images.flatten(0, 1), targets.flatten(0, 1)
+            index = torch.randint(len(flat_images), (steps, batch), generator=rng)
+            return flat_images[index], flat_targets[index]
         index = torch.randint(len(images), (steps,), generator=rng)
         return images[index], targets[index]
 

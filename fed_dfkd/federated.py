@@ -117,6 +117,10 @@ class FederatedServer:
         else:
             samples = c.draw_samples()
             wire_samples = samples.flatten(0, 1)
+        if cfg.method.generator_reset:
+            # After the draw (pixels transport: the samples travel as drawn), before G is sent:
+            # the clients take this round's steps from the fresh G (and clear their optimizer).
+            c.reset_generator()
         self._query = None
         if self.zeroth_order is not None:
             self._query = self.zeroth_order.plan(c.round)

@@ -190,6 +190,9 @@ class TeacherHost:
         if instruction.mode == "generator_and_logits":
             self.generator.load_state_dict(instruction.generator_state, strict=False)
             self.student.load_state_dict(instruction.student_state)
+            if self.cfg.method.generator_reset:
+                # The server sent a freshly initialised G: Adam's moments of the last one go.
+                self.generator_optimizer.state.clear()
             before = float_state(self.generator)
             report = self.synthesizer.step(
                 teacher=self.teacher, student=self.student, generator=self.generator,

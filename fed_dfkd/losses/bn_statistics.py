@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,9 @@ from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchNormStatistics", "NORMALIZATION_TYPES", "num_channels"]
+__all__ = ["BN_STATISTICS_SCALES", "BatchNormStatistics", "NORMALIZATION_TYPES", "num_channels"]
+
+BN_STATISTICS_SCALES = ("absolute", "standardized")
 
 # BatchNorm1d/2d are the layers the method is defined for; 3d reduces the same way and costs
 # nothing to support.
@@ -61,6 +63,17 @@ class BatchNormStatistics:
     the same way (per channel over all dimensions but the channel, biased variance) and compared
     to the targets. Such layers without a target are not hooked.
 
+    ``scale="standardized"`` (a deviation from the reference, ``method.bn_statistics_scale``)
+    measures both gaps in units of the target's own spread, channel by channel:
+
+        L_bn = Σ_l ( ‖(μ_l − μ̂_l) / √(σ̂²_l + ε)‖₂ + ‖(σ²_l − σ̂²_l) / (σ̂²_l + ε)‖₂ )
+
+    with ε the layer's own ``eps`` (1e-5 for a layer without one). The absolute form weighs a
+    layer by the size of its activations, so in a deep teacher the last blocks (large
+    activations, and a sampling floor that even real batches do not get under) dominate and
+    the early layers, which shape the image, hardly count; the standardized form is invariant
+    to each channel's scale and weighs the layers alike.
+
     Usage::
 
         with BatchNormStatistics(teacher) as bn_statistics:
@@ -80,8 +93,12 @@ class BatchNormStatistics:
         model: nn.Module,
         *,
         targets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+        scale: Literal["absolute", "standardized"] = "absolute",
     ) -> None:
+        if scale not in BN_STATISTICS_SCALES:
+            raise ValueError(f"scale must be one of {BN_STATISTICS_SCALES}, got {scale!r}")
         self.model = model
+        self.scale = scale
         targets = dict(targets or {})
         normalization_layers = {
             name: module
@@ -164,7 +181,8 @@ class BatchNormStatistics:
         return record
 
     def layer_losses(self) -> list[Tensor]:
-        """Per-layer terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂, in the order of :attr:`layer_names`."""
+        """Per-layer terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ (standardized: divided by the target's
+        spread, see the class docstring), in the order of :attr:`layer_names`."""
         if not self._layers:
             return []
         missing = [name for name, _ in self._layers if name not in self._statistics]
@@ -183,10 +201,11 @@ class BatchNormStatistics:
                 target_mean, target_var = module.running_mean, module.running_var
             target_mean = target_mean.to(device=mean.device, dtype=mean.dtype)
             target_var = target_var.to(device=var.device, dtype=var.dtype)
-            losses.append(
-                torch.linalg.vector_norm(mean - target_mean)
-                + torch.linalg.vector_norm(var - target_var)
-            )
+            mean_gap, var_gap = mean - target_mean, var - target_var
+            if self.scale == "standardized":
+                spread = target_var.clamp(min=0) + float(getattr(module, "eps", 1e-5))
+                mean_gap, var_gap = mean_gap / spread.sqrt(), var_gap / spread
+            losses.append(torch.linalg.vector_norm(mean_gap) + torch.linalg.vector_norm(var_gap))
         return losses
 
     def loss(self) -> Tensor:

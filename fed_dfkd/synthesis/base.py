@@ -149,7 +149,8 @@ class Synthesizer(abc.ABC):
         # The BN hooks cost a mean and a variance per layer: only register them when used. A DP
         # teacher has no BatchNorm; its owner's private feature statistics are the targets.
         recorder = (
-            BatchNormStatistics(teacher, targets=getattr(teacher, "feature_targets", None))
+            BatchNormStatistics(teacher, targets=getattr(teacher, "feature_targets", None),
+                                scale=self.method.bn_statistics_scale)
             if weights["bn_statistics"] else contextlib.nullcontext()
         )
         with recorder as bn:

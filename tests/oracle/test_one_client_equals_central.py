@@ -35,9 +35,13 @@ ORACLE = [
 ]
 
 
-def command(name: str, out: Path, *extra: str) -> list[str]:
+# G re-initialised every round and the student on the pool of every round's samples.
+POOL = ["method.generator_reset=true", "distill.replay_rounds=10", "distill.replay_sampling=samples"]
+
+
+def command(name: str, out: Path, *extra: str, overrides: list[str] = ()) -> list[str]:
     return [name, "--config", str(QUICKSTART), "--out", str(out),
-            *[arg for override in ORACLE for arg in ("--set", override)], *extra]
+            *[arg for override in [*ORACLE, *overrides] for arg in ("--set", override)], *extra]
 
 
 def history(out: Path) -> list[dict]:
@@ -49,11 +53,14 @@ def student(out: Path, engine_key: str) -> dict[str, torch.Tensor]:
     return checkpoint[engine_key]["coordinator"]["student"]
 
 
-def test_a_one_client_federation_equals_central_distillation(tmp_path):
+@pytest.mark.parametrize("overrides", [[], POOL], ids=["default", "generator-reset-pool"])
+def test_a_one_client_federation_equals_central_distillation(tmp_path, overrides):
     teachers = tmp_path / "pretrain"
     assert main(command("pretrain", teachers)) == 0
-    assert main(command("distill", tmp_path / "central", "--teachers", str(teachers))) == 0
-    assert main(command("simulate", tmp_path / "federated", "--teachers", str(teachers))) == 0
+    assert main(command("distill", tmp_path / "central", "--teachers", str(teachers),
+                        overrides=overrides)) == 0
+    assert main(command("simulate", tmp_path / "federated", "--teachers", str(teachers),
+                        overrides=overrides)) == 0
 
     central, federated = history(tmp_path / "central"), history(tmp_path / "federated")
     assert [h["round"] for h in federated] == [h["round"] for h in central] == [1, 2, 3]

@@ -159,6 +159,35 @@ def test_bn_loss_uses_unsquared_norms() -> None:
         assert [t.item() for t in bn_statistics.layer_losses()] == pytest.approx([18.0], rel=1e-5)
 
 
+def test_bn_standardized_scale_divides_each_channel_by_the_target_spread() -> None:
+    eps = 1e-5
+    model = nn.Sequential(_bn_layer([1.0, -2.0], [4.0, 0.25]))
+    # The same batch as above: mean gaps (3, 4), variance gaps (5, 12), now in units of the
+    # running spread: means (3/√(4+ε), 4/√(0.25+ε)), variances (5/(4+ε), 12/(0.25+ε)).
+    x = _batch_with_statistics([4.0, 2.0], [3.0, math.sqrt(12.25)])
+    expected = math.hypot(3 / math.sqrt(4 + eps), 4 / math.sqrt(0.25 + eps)) + math.hypot(
+        5 / (4 + eps), 12 / (0.25 + eps))
+    with BatchNormStatistics(model, scale="standardized") as bn_statistics:
+        model(x)
+        assert bn_statistics.loss().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bn_standardized_scale_ignores_a_layer_s_activation_scale() -> None:
+    # Scaling a layer's input and its running statistics by k (std by k, variance by k²)
+    # multiplies the absolute loss by about k² and leaves the standardized one unchanged.
+    def loss(k: float, scale: str) -> float:
+        model = nn.Sequential(_bn_layer([k * 1.0, k * -2.0], [k * k * 4.0, k * k * 0.25]))
+        x = _batch_with_statistics([k * 4.0, k * 2.0], [k * 3.0, k * math.sqrt(12.25)])
+        with BatchNormStatistics(model, scale=scale) as bn_statistics:
+            model(x)
+            return bn_statistics.loss().item()
+
+    assert loss(10.0, "standardized") == pytest.approx(loss(1.0, "standardized"), rel=1e-4)
+    assert loss(10.0, "absolute") > 50 * loss(1.0, "absolute")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        BatchNormStatistics(nn.Sequential(_bn_layer([0.0], [1.0])), scale="relative")  # type: ignore[arg-type]
+
+
 def test_bn_variance_is_biased() -> None:
     layer = nn.BatchNorm2d(1).eval()
     layer.running_mean.fill_(1.0)

@@ -1,0 +1,106 @@
+"""A re-initialised generator per round and the pool of all rounds' samples
+(``method.generator_reset``, ``distill.replay_rounds``, ``distill.replay_sampling``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fed_dfkd.config import ConfigError, config_from_dict
+from fed_dfkd.coordinator import Coordinator, build_pseudo_generator
+from fed_dfkd.data import DatasetInfo
+from fed_dfkd.distill import ReplayBuffer
+
+INFO = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.25,), tuple(str(i) for i in range(10)))
+
+
+def _config(method: dict | None = None, federation: dict | None = None, **distill):
+    return config_from_dict({
+        "data": {"dataset": "digits"},
+        "models": {"teacher": "cnn_digits_bn", "student": "cnn_digits_half"},
+        "method": {"name": "adadfkd", **(method or {})},
+        "distill": {"batch_size": 8, "student_steps": 2, "optimizer": "sgd", **distill},
+        "federation": {"rounds": 4, **(federation or {})},
+    })
+
+
+def _round(index: int, batches: int = 2, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose every pixel, and targets whose every entry, hold (round, batch, sample)."""
+    codes = torch.tensor([[index * 50 + b * 10 + s for s in range(batch)] for b in range(batches)],
+                         dtype=torch.uint8)
+    images = codes.view(batches, batch, 1, 1, 1).expand(batches, batch, 1, 2, 2).clone()
+    targets = codes.view(batches, batch, 1).float().expand(batches, batch, 3).clone()
+    return images, targets
+
+
+def test_sample_replay_mixes_rounds_within_a_batch_and_keeps_each_target_with_its_image() -> None:
+    buffer = ReplayBuffer(10, sampling="samples")
+    for r in range(3):
+        buffer.add(*_round(r))
+    images, targets = buffer.schedule(50, rng=torch.Generator().manual_seed(0))
+    assert images.shape == (50, 4, 1, 2, 2) and targets.shape == (50, 4, 3)
+    codes = images[:, :, 0, 0, 0].long()
+    assert torch.equal(targets[..., 0].long(), codes)  # pairs stay together
+    assert torch.equal(images.amin(dim=(2, 3, 4)), images.amax(dim=(2, 3, 4)))  # whole samples
+    rounds_per_batch = [len(set((row // 50).tolist())) for row in codes]
+    assert max(rounds_per_batch) > 1  # one batch draws from several rounds
+    assert set((codes // 50).flatten().tolist()) == {0, 1, 2}  # every stored round is reachable
+
+
+def test_batch_replay_keeps_stored_batches_whole() -> None:
+    buffer = ReplayBuffer(10)
+    for r in range(3):
+        buffer.add(*_round(r))
+    images, _ = buffer.schedule(20, rng=torch.Generator().manual_seed(0))
+    codes = images[:, :, 0, 0, 0].long()
+    assert all(len(set((row // 10).tolist())) == 1 for row in codes)  # one (round, batch) each
+
+
+def test_the_pool_keeps_replay_rounds_plus_one_rounds() -> None:
+    buffer = ReplayBuffer(2, sampling="samples")
+    for r in range(5):
+        buffer.add(*_round(r))
+    images, _ = buffer.batches()
+    assert sorted(set((images[:, :, 0, 0, 0].long() // 50).flatten().tolist())) == [2, 3, 4]
+
+
+def test_an_unknown_replay_sampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="sampling"):
+        ReplayBuffer(1, sampling="rows")
+    with pytest.raises(ConfigError, match="distill.replay_sampling"):
+        _config(replay_sampling="rows")
+
+
+def test_reset_gives_the_round_s_seeded_initialisation_and_clears_the_optimizer() -> None:
+    cfg = _config(method={"generator_reset": True})
+    coordinator = Coordinator(cfg, INFO)
+    generator = coordinator.generator
+    optimizer = torch.optim.Adam(generator.parameters(), lr=0.1)
+    generator(generator.sample_latent(8, rng=torch.Generator().manual_seed(1))).mean().backward()
+    optimizer.step()
+    assert optimizer.state
+    coordinator.round = 2
+    coordinator.reset_generator(optimizer)
+    assert not optimizer.state
+    expected = build_pseudo_generator(cfg, INFO, reset_round=2).state_dict()
+    for name, tensor in generator.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # A different round gives a different initialisation, and neither is the run's first G.
+    other = build_pseudo_generator(cfg, INFO, reset_round=3).state_dict()
+    first = build_pseudo_generator(cfg, INFO).state_dict()
+    weights = [k for k, v in expected.items() if v.is_floating_point() and v.dim() > 1]
+    assert weights
+    assert all(not torch.equal(expected[k], other[k]) for k in weights)
+    assert all(not torch.equal(expected[k], first[k]) for k in weights)
+    # The optimizer still drives the same parameter objects after the reset.
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in generator.parameters()]
+
+
+@pytest.mark.parametrize("federation, message", [
+    ({"sample_transport": "seed"}, "sample_transport: pixels"),
+    ({"mode": "logits_only"}, "generator_and_logits"),
+])
+def test_reset_refuses_transports_and_modes_it_cannot_serve(federation, message) -> None:
+    with pytest.raises(ConfigError, match="method.generator_reset") as error:
+        _config(method={"generator_reset": True}, federation=federation, quantize_samples=True)
+    assert message in str(error.value)
