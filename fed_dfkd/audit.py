@@ -561,7 +561,7 @@ def load_run(
     from the run's config exactly as ``pretrain_teachers`` made them, and checked against each
     teacher's manifest (:func:`_check_partition`). Every problem is a :class:`UserError`.
     """
-    from fed_dfkd.config import load_config
+    from fed_dfkd.config import ConfigError, load_config
     from fed_dfkd.coordinator import build_student
     from fed_dfkd.data import load_experiment_data, partition
     from fed_dfkd.data.teachers import load_teachers, teacher_config_hash
@@ -577,7 +577,11 @@ def load_run(
     if not ((checkpoints / "last.pt").is_file() or (checkpoints / "previous.pt").is_file()):
         raise UserError(f"--run {root}: no checkpoint in {checkpoints}; the run has not completed "
                         "a round")
-    cfg = load_config(config_path)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as error:  # the file names itself only in its YAML errors
+        raise UserError(f"{config_path}: {error} (edited by hand, or written by another version "
+                        "of fed-dfkd?)") from None
     report = _read_json(root / RunDirectory.REPORT_NAME) or {}
     run_dir = RunDirectory(root)
     checkpoint = run_dir.load_checkpoint()

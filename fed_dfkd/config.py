@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -453,6 +454,43 @@ def _one_line(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (plain
+    ``safe_load`` keeps the last value silently, so a typo'd duplicate section would hide)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, path: str, parents: tuple[int, ...] = ()) -> None:
+    """A ConfigError unless ``value`` is plain YAML data: mappings, lists, strings, numbers,
+    booleans and null (not a date, bytes or a structure that contains itself)."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return
+    if id(value) in parents:
+        raise ConfigError(path, "refers to itself (a recursive YAML alias)")
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _check_plain(child, f"{path}.{key}" if path else str(key), (*parents, id(value)))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            _check_plain(child, f"{path}[{i}]", (*parents, id(value)))
+    else:
+        raise ConfigError(path, f"must be a plain value (number, string, boolean, list or mapping), "
+                                f"got a {type(value).__name__} ({value!r:.40})")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'a.b=value'`` -> ``('a.b', yaml-parsed value)``."""
     if "=" not in text:
@@ -466,6 +504,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    _check_plain(raw, "")
     tree = json.loads(json.dumps(raw))  # deep copy of plain data
     for text in overrides:
         key, value = parse_override(text)
@@ -488,10 +527,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {_one_line(exc)}") from None
     if raw is not None and not isinstance(raw, dict):
@@ -704,6 +745,6 @@ def _check(cfg: ExperimentConfig) -> None:
                      "central client-level privacy noises a sum: use mean")
 
     _require(ru.seed >= 0, "runtime.seed", "must be >= 0")
-    _require(ru.device == "cpu" or ru.device == "auto" or ru.device.startswith("cuda"),
-             "runtime.device", f"must be cpu, auto or cuda[:N]; got {ru.device!r}")
+    _require(re.fullmatch(r"cpu|auto|cuda(:\d+)?", ru.device) is not None,
+             "runtime.device", f"must be cpu, auto, cuda or cuda:N; got {ru.device!r}")
     _require(ru.threads is None or ru.threads >= 1, "runtime.threads", "must be >= 1 or null")

@@ -135,6 +135,9 @@ def parse_epsilons(text: str) -> tuple[float, ...]:
                             "no DP)") from None
         if math.isnan(value) or value <= 0:
             raise UserError(f"--epsilons: every ε must be > 0 (inf: no DP), got {piece!r}")
+        if math.isinf(value) and piece.lower().lstrip("+") not in ("inf", "infinity", "∞"):
+            # float("1e999") is inf: a typo must not turn into a run without DP.
+            raise UserError(f"--epsilons: {piece!r} is too large for a number; write inf for no DP")
         if value in values:
             raise UserError(f"--epsilons: {piece!r} is listed twice")
         values.append(value)

@@ -37,16 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _device(name: str):
-    import torch
+    from fed_dfkd.runtime import checked_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available; use cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device; use cpu, cuda or auto") from None
+    return checked_device(name, "--device")
 
 
 def run(args: argparse.Namespace) -> int:

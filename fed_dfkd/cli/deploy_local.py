@@ -13,12 +13,14 @@ not (the reason and the log to read are printed), 2 on bad input, 130 when inter
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from fed_dfkd.cli.common import add_config_arguments, prepare_out_dir
+from fed_dfkd.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +58,8 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UserError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")

@@ -27,8 +27,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _check_teachers_fit(cfg, info, loaded: list, teacher_dir: Path) -> None:
+    """A UserError if a teacher of ``--teachers`` was trained on another dataset or image shape
+    (it would run, with meaningless accuracies). Another architecture than ``models.teacher``
+    only gets a warning: the run is valid for the teachers it used."""
+    from fed_dfkd.data.teachers import fit_problems, teacher_path
+    from fed_dfkd.errors import UserError
+
+    for _, manifest in loaded:
+        path = teacher_path(teacher_dir, manifest.partition_id)
+        problems = fit_problems(manifest, info)
+        if problems:
+            raise UserError(f"--teachers {teacher_dir}: teacher {path} does not fit data.dataset "
+                            f"{info.name!r} ({'; '.join(problems)}); pass the folder of a "
+                            "`fed-dfkd pretrain` run made with this dataset")
+        if manifest.architecture != cfg.models.teacher:
+            logger.warning("teacher %s is a %s, but models.teacher is %s: the run uses the teacher "
+                           "as it is", path, manifest.architecture, cfg.models.teacher)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.teachers is not None and not Path(args.teachers).is_dir():
+        from fed_dfkd.errors import UserError
+
+        raise UserError(f"--teachers {args.teachers}: no such folder; pass the --out folder of "
+                        "a `fed-dfkd pretrain` run")
     out = prepare_out_dir(args.out)
 
     # Heavy imports after the arguments are known to be good.
@@ -58,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and checkpoint is None:
         raise UserError(f"--resume: no checkpoint in {run_dir.checkpoint_path.parent}")
+    if checkpoint is not None and "engine" not in checkpoint:
+        raise UserError(f"--resume: {run_dir.checkpoint_path} is not the checkpoint of a "
+                        "`fed-dfkd distill` run (was it written by `fed-dfkd simulate`?)")
     if checkpoint is not None and checkpoint.get("resume_key") != resume_key(cfg):
         raise UserError(
             f"--resume: the config differs from the one the run in {out} was started with "
@@ -75,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                           clients=source == "clients", splits=splits, device=device)
     loaded = load_teachers(teacher_dir, source=source, num_clients=cfg.federation.num_clients,
                            device=device)
+    if args.teachers:
+        _check_teachers_fit(cfg, splits.info, loaded, teacher_dir)
     teachers = [model for model, _ in loaded]
     privacy = record_level_privacy(cfg, [manifest for _, manifest in loaded])
     # Per-class counts: the "weighted" rule uses their sums, "class_weighted" the counts.

@@ -167,6 +167,8 @@ def sweep(args: argparse.Namespace) -> int:
         overrides=tuple(overrides), teachers=Path(args.teachers) if args.teachers else None,
         engine=args.engine, audit=args.audit, command_line=_command_line(args),
     )
+    if Path(args.config).is_dir():
+        raise UserError(f"cannot read config file {args.config}: Is a directory")
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     out = Path(args.out)

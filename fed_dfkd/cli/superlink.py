@@ -12,6 +12,7 @@ are forwarded to the SuperLink, which stops its SuperExec; what is still running
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def require_tls_choice(args: argparse.Namespace) -> None:
     if not args.insecure and not args.certs:
         raise UserError("TLS is the default: pass --certs DIR (make one with "
                         "`fed-dfkd certs --out DIR`), or --insecure to run without TLS")
+
+
+def check_port(option: str, port: int) -> None:
+    from fed_dfkd.errors import UserError
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"{option} must be a port number in 1..65535, got {port}")
+
+
+def check_grace(grace: float) -> None:
+    from fed_dfkd.errors import UserError
+
+    if not (math.isfinite(grace) and grace >= 0):
+        raise UserError(f"--grace must be a finite number of seconds >= 0, got {grace}")
 
 
 def flwr_home(state: str | None) -> Path:
@@ -61,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     require_tls_choice(args)
+    check_port("--port", args.port)
+    check_grace(args.grace)
     certificates = (None if args.insecure
                     else CertificatePaths.in_folder(Path(args.certs)).require(server=True))
     database = None

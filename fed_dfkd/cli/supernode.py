@@ -14,7 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fed_dfkd.cli.superlink import add_tls_arguments, flwr_home, require_tls_choice
+from fed_dfkd.cli.superlink import (
+    add_tls_arguments,
+    check_grace,
+    check_port,
+    flwr_home,
+    require_tls_choice,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_dfkd.data.teachers import teacher_path
+    from fed_dfkd.data.teachers import load_teacher, teacher_path
     from fed_dfkd.engine.deploy import (
         SUPERNODE_TUNING,
         CertificatePaths,
@@ -57,22 +63,34 @@ def run(args: argparse.Namespace) -> int:
     require_tls_choice(args)
     if args.partition_id < 0:
         raise UserError(f"--partition-id must be >= 0, got {args.partition_id}")
-    if ":" not in args.superlink:
-        raise UserError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
+    host, _, port = args.superlink.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--superlink must be HOST:PORT with a port in 1..65535, "
+                        f"got {args.superlink!r}")
+    check_port("--port", args.port)
+    check_grace(args.grace)
+    if args.max_wait_time is not None and not args.max_wait_time > 0:
+        raise UserError(f"--max-wait-time must be > 0 seconds, got {args.max_wait_time}")
     node_config: dict[str, object] = {"partition-id": args.partition_id}
     # Absolute paths: ClientApp processes do not run in this folder.
     if args.teachers:
         folder = Path(args.teachers).expanduser().resolve()
-        if not teacher_path(folder, args.partition_id).is_file():
+        path = teacher_path(folder, args.partition_id)
+        if not path.is_file():
             raise UserError(f"--teachers {folder}: no teacher for partition {args.partition_id} "
-                            f"({teacher_path(folder, args.partition_id)})")
+                            f"({path})")
         node_config["teachers-dir"] = str(folder)
     else:
         path = Path(args.teacher_path).expanduser().resolve()
         if not path.is_file():
             raise UserError(f"--teacher-path {path}: no such file")
         node_config["teacher-path"] = str(path)
+    # Now, not when the first round reaches the ClientApp: a damaged file is a UserError naming it.
+    load_teacher(path)
     if args.device:
+        from fed_dfkd.runtime import checked_device
+
+        checked_device(args.device, "--device")
         node_config["device"] = args.device
     if args.owner_dir:
         node_config["owner-dir"] = str(Path(args.owner_dir).expanduser().resolve())

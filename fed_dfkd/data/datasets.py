@@ -351,8 +351,11 @@ def _read_idx_family(dataset_class: Any, root: Path, name: str, folder: str) -> 
         train = dataset_class(str(root), train=True, download=False)
         test = dataset_class(str(root), train=False, download=False)
     except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        # torchvision's reader asserts on the IDX magic numbers: an empty message is the usual case.
+        reason = f"{type(exc).__name__}: {exc}" if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"dataset {name!r}: cannot read the IDX files in {raw_dir}: {exc!r}"
+            f"dataset {name!r}: cannot read the IDX files in {raw_dir} ({reason}); they are damaged "
+            "or not uncompressed IDX files (gunzip the original .gz files)"
         ) from exc
     return (
         train.data.unsqueeze(1), train.targets.to(torch.int64),

@@ -426,11 +426,9 @@ def teacher_path(out_dir: Path | str, partition_id: int | None) -> Path:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"runtime.device is {name!r} but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
+    from fed_dfkd.runtime import checked_device
+
+    return checked_device(name, "runtime.device")
 
 
 def _cached_manifest(path: Path, *, expected_hash: str, partition_id: int | None) -> TeacherManifest | None:
@@ -774,8 +772,8 @@ def load_teacher(
         # weights_only: a teacher file holds tensors and plain values only, nothing to unpickle.
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"teacher file {path} cannot be read ({reason}); {hint}") from None
+        raise UserError(f"teacher file {path} cannot be read ({_load_failure(error)}); it is "
+                        f"damaged or not a fed-dfkd teacher: {hint}") from None
     if not isinstance(saved, dict) or "manifest" not in saved or "state_dict" not in saved:
         raise UserError(f"teacher file {path} is not a fed-dfkd teacher (no manifest and weights); {hint}")
     try:
@@ -809,6 +807,29 @@ def load_teacher(
     if saved.get("feature_statistics") is not None:
         _attach_feature_statistics(model, saved["feature_statistics"], path=path, hint=hint)
     return model, manifest
+
+
+def fit_problems(manifest: TeacherManifest, info: Any) -> list[str]:
+    """How a teacher's dataset and image shape differ from ``info`` (a ``DatasetInfo``), in words;
+    ``[]`` when it fits. Such a teacher still loads and runs, with meaningless predictions."""
+    problems = []
+    if manifest.dataset != info.name:
+        problems.append(f"dataset {manifest.dataset!r}, not {info.name!r}")
+    for name in ("num_classes", "in_channels", "image_size"):
+        if getattr(manifest, name) != getattr(info, name):
+            problems.append(f"{name} {getattr(manifest, name)}, not {getattr(info, name)}")
+    return problems
+
+
+def _load_failure(error: Exception) -> str:
+    """The reason ``torch.load`` gave, short: its first line, or for a pickle torch refused with
+    ``weights_only`` the unpickler's own line (the first is advice to load unsafely)."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        text = detail[0].split(". ")[0].strip() if detail else ""
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _attach_feature_statistics(model: NormalizedClassifier, raw: Any, *, path: Path, hint: str) -> None:
@@ -851,6 +872,9 @@ def load_teachers(
     missing = [teacher_path(out_dir, k) for k in ids if not teacher_path(out_dir, k).is_file()]
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        if (out_dir / missing[0].name).is_file():
+            raise UserError(f"no teacher at {shown}: {out_dir} looks like the {TEACHERS_DIR}/ "
+                            f"folder itself; pass the folder above it, {out_dir.parent}")
         raise UserError(f"no teacher at {shown}; run `{command}` first")
     teachers = [load_teacher(teacher_path(out_dir, k), device=device) for k in ids]
     for k, (_, manifest) in zip(ids, teachers):

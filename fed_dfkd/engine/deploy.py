@@ -159,12 +159,23 @@ def make_certificates(
         addresses = [ipaddress.ip_address(a) for a in ip_addresses]
     except ValueError as error:
         raise UserError(f"not an IP address: {error}") from None
-    paths.ca.parent.mkdir(parents=True, exist_ok=True)
-
     now = datetime.datetime.now(datetime.timezone.utc)
     # Backdated a little: a clock a few seconds behind must not see a not-yet-valid certificate.
     not_before = now - datetime.timedelta(minutes=5)
-    not_after = now + datetime.timedelta(days=valid_days)
+    try:
+        not_after = now + datetime.timedelta(days=valid_days)
+    except OverflowError:
+        raise UserError(f"certificate validity of {valid_days} days ends after the year 9999; "
+                        "give fewer days") from None
+    folder = paths.ca.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder; choose another folder for the "
+                        "certificates")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the certificate folder {folder}: "
+                        f"{error.strerror or error}") from None
 
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-dfkd loopback CA")])

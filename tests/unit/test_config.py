@@ -567,3 +567,29 @@ def test_a_float_or_null_key_reports_why_a_value_is_refused():
 
 def test_a_depth_that_divides_the_image_size_loads():
     assert config_from_dict({}, ("data.dataset=fashion_mnist", "models.generator.depth=2")).models.generator.depth == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"federation:\n  rounds: 2020-01-01\n", "federation.rounds: must be a plain value"),
+    (b"data:\n  root: !!binary aGVsbG8=\n", "data.root: must be a plain value"),
+    (b"a: &x [*x]\n", "refers to itself"),
+    (b"federation:\n  rounds: 2\nfederation:\n  rounds: 3\n", "'federation' appears twice"),
+    (b"federation:\n  rounds: 2\n  rounds: 3\n", "'rounds' appears twice"),
+    (b"\xff\xfe\x00federation", "is not UTF-8 text"),
+])
+def test_config_files_that_are_not_plain_yaml_data_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cudafoo", "gpu", "cuda:", "cpu:0"])
+def test_a_device_name_torch_cannot_parse_is_a_config_error(device):
+    with pytest.raises(ConfigError, match="runtime.device"):
+        load_config(QUICKSTART, [f"runtime.device={device}"])
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda", "cuda:1"])
+def test_valid_device_names_pass_the_config_check(device):
+    assert load_config(QUICKSTART, [f"runtime.device={device}"]).runtime.device == device
