@@ -97,6 +97,7 @@ class CentralDistillation:
             teacher=self.teacher, student=self.student, generator=self.generator,
             optimizer=self.generator_optimizer, progress=progress,
             rng=make_rng(self.cfg.runtime.seed, "generator-steps", r, device=self.device),
+            latents=c.step_latents(),
         )
         student = c.train_student(samples, targets)
         c.end_round()

@@ -136,6 +136,10 @@ class MethodConfig:
     # generator_steps steps from scratch (DENSE / CMI style). Pair with a large
     # distill.replay_rounds, so the student trains on the pool of all rounds' samples.
     generator_reset: bool = False
+    # "fresh": every generator step draws new latents, the one-hot term asks for the argmax (the
+    # reference). "round": G's steps in round r all fit one seeded latent batch Z to balanced
+    # assigned classes Y, and round r + 1's pseudo-batch is that batch, G(Z) (DENSE / CMI).
+    generator_latents: Literal["fresh", "round"] = "fresh"
     bn_statistics_weight: float | None = None
     # "absolute": the reference's L_bn; "standardized": each gap in units of the target's spread
     # (fed_dfkd/losses/bn_statistics.py), so every layer of a deep teacher counts alike.
@@ -701,6 +705,14 @@ def _check(cfg: ExperimentConfig) -> None:
              "the round's samples from the re-initialised G, not the one they were drawn from)")
     _require(not me.generator_reset or fe.mode == "generator_and_logits",
              "method.generator_reset", "needs federation.mode: generator_and_logits")
+    if me.generator_latents == "round":
+        _require(di.pseudo_batches == 1, "distill.pseudo_batches",
+                 "method.generator_latents: round draws the one batch G was fitted to: set 1 "
+                 "(with distill.replay_rounds for more samples)")
+        _require(fe.sample_transport == "pixels", "method.generator_latents",
+                 "round needs federation.sample_transport: pixels")
+        _require(fe.mode == "generator_and_logits", "method.generator_latents",
+                 "round needs federation.mode: generator_and_logits")
     _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
              "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.

@@ -19,7 +19,7 @@ from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer
 from fed_dfkd.models import Generator, build_classifier, build_generator
 from fed_dfkd.models.normalized import NormalizedClassifier
-from fed_dfkd.samples import as_float_images, draw_pseudo_batches
+from fed_dfkd.samples import as_float_images, draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import derive_seed, make_rng
 from fed_dfkd.synthesis import Progress
 
@@ -81,11 +81,29 @@ class Coordinator:
         """This round's pseudo-batches ``[b, B, C, H, W]`` (uint8 when quantised), from G or from
         ``generator`` (a copy of G as the clients receive it), with the round's seeded stream."""
         d = self.cfg.distill
+        generator = generator if generator is not None else self.generator
+        latents = None
+        if self.cfg.method.generator_latents == "round":
+            # The batch G was fitted to in the last round, with the statistics it was fitted with.
+            latents = self.latents(self.round)
         return draw_pseudo_batches(
-            generator if generator is not None else self.generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
+            generator, num_batches=d.pseudo_batches or d.student_steps, batch_size=d.batch_size,
             rng=make_rng(self.cfg.runtime.seed, "pseudo-batches", self.round, device=self.device),
-            quantize=d.quantize_samples, batch_statistics=d.sample_statistics == "batch",
+            quantize=d.quantize_samples,
+            batch_statistics=d.sample_statistics == "batch" or latents is not None, latents=latents,
         )
+
+    def latents(self, round_index: int) -> tuple[Tensor, Tensor]:
+        """(Z, Y) of :func:`~fed_dfkd.samples.round_latents` for ``round_index``."""
+        return round_latents(self.generator, seed=self.cfg.runtime.seed, round_index=round_index,
+                             batch_size=self.cfg.distill.batch_size,
+                             num_classes=self.info.num_classes, device=self.device)
+
+    def step_latents(self) -> tuple[Tensor, Tensor] | None:
+        """What this round's generator steps fit (next round's batch), or None (fresh latents)."""
+        if self.cfg.method.generator_latents != "round":
+            return None
+        return self.latents(self.round + 1)
 
     @torch.no_grad()
     def reset_generator(self, optimizer: torch.optim.Optimizer | None = None) -> None:

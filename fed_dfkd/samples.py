@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fed_dfkd.models import Generator
+from fed_dfkd.seeding import make_rng
 
 
 def quantize_images(images: Tensor) -> Tensor:
@@ -24,6 +25,28 @@ def dequantize_images(images: Tensor) -> Tensor:
     return images.to(torch.float32) / 255.0
 
 
+def round_latents(
+    generator: Generator,
+    *,
+    seed: int,
+    round_index: int,
+    batch_size: int,
+    num_classes: int,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``method.generator_latents: round``: the latent batch Z and its assigned classes Y of a
+    round, the same for every party (seeded by ``"round-latents"`` and the round).
+
+    Y is balanced: class ``i mod num_classes`` for row i, shuffled. G's steps in round r fit
+    G(Z_{r+1}) to Y_{r+1}; the pseudo-batch drawn in round r + 1 is G(Z_{r+1}), the batch G was
+    fitted to (DENSE / CMI's synthesis of one batch, with assigned targets).
+    """
+    rng = make_rng(seed, "round-latents", round_index)
+    latents = generator.sample_latent(batch_size, rng=rng, device=device)
+    labels = (torch.arange(batch_size) % num_classes)[torch.randperm(batch_size, generator=rng)]
+    return latents, labels if device is None else labels.to(device)
+
+
 @torch.no_grad()
 def draw_pseudo_batches(
     generator: Generator,
@@ -33,13 +56,19 @@ def draw_pseudo_batches(
     rng: torch.Generator,
     quantize: bool = True,
     batch_statistics: bool = False,
+    latents: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``[num_batches, batch_size, C, H, W]`` samples from G, uint8 when ``quantize`` else float32.
 
     By default G runs in eval mode (its BatchNorm running statistics, as the reference samples
     student batches). With ``batch_statistics`` each batch is normalised by its own statistics,
-    as during G's own steps, and G's running statistics are left untouched.
+    as during G's own steps, and G's running statistics are left untouched. With ``latents``
+    (``(Z, Y)`` of :func:`round_latents`) the one batch is G(Z) (Y goes to a conditional G)
+    instead of a draw from ``rng``.
     """
+    if latents is not None and (num_batches != 1 or len(latents[0]) != batch_size):
+        raise ValueError(f"given latents make one batch of {len(latents[0])}, "
+                         f"not {num_batches} of {batch_size}")
     was_training = generator.training
     generator.train(batch_statistics)
     # Batch statistics without moving the running ones: momentum 0 for the duration.
@@ -53,8 +82,12 @@ def draw_pseudo_batches(
     try:
         batches = []
         for _ in range(num_batches):
-            latent = generator.sample_latent(batch_size, rng=rng, device=device)
-            images = generator(latent, generator.sample_labels(batch_size, rng=rng, device=device))
+            if latents is not None:
+                latent, labels = latents[0].to(device), latents[1].to(device)
+                images = generator(latent, labels if generator.conditional else None)
+            else:
+                latent = generator.sample_latent(batch_size, rng=rng, device=device)
+                images = generator(latent, generator.sample_labels(batch_size, rng=rng, device=device))
             batches.append(quantize_images(images) if quantize else images.float())
     finally:
         generator.train(was_training)

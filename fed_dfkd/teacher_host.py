@@ -45,7 +45,7 @@ from fed_dfkd.protocol import (
     RoundInstruction,
 )
 from fed_dfkd.runtime import resume_key
-from fed_dfkd.samples import dequantize_images, draw_pseudo_batches
+from fed_dfkd.samples import dequantize_images, draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import make_rng
 from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer
 
@@ -199,6 +199,10 @@ class TeacherHost:
                 optimizer=self.generator_optimizer,
                 progress=Progress(fraction=instruction.progress, round=instruction.round),
                 rng=make_rng(instruction.seed, "generator-steps", instruction.round, device=self.device),
+                latents=None if self.cfg.method.generator_latents != "round" else round_latents(
+                    self.generator, seed=instruction.seed, round_index=instruction.round + 1,
+                    batch_size=instruction.batch_size, num_classes=self.info.num_classes,
+                    device=self.device),
             )
             after = float_state(self.generator)
             delta = {k: (after[k] - before[k]).cpu() for k in before}

@@ -214,11 +214,14 @@ class Synthesizer(abc.ABC):
         optimizer: torch.optim.Optimizer,
         progress: Progress,
         rng: torch.Generator,
+        latents: tuple[Tensor, Tensor] | None = None,
     ) -> SynthesisReport:
         """``method.generator_steps`` optimizer steps on G; teacher and student stay unchanged.
 
         G runs in train mode (batch statistics, as the reference); the student in eval mode so
         its BatchNorm running statistics are not touched; gradients reach only G's parameters.
+        With ``latents`` = ``(Z, Y)`` (``method.generator_latents: round``) every step uses that
+        one batch, and the one-hot term asks for the assigned classes Y instead of the argmax.
         """
         weights = self.term_weights(progress)
         steps = self.method.generator_steps
@@ -232,9 +235,13 @@ class Synthesizer(abc.ABC):
         device = next(generator.parameters()).device
         try:
             for _ in range(steps):
-                latent = generator.sample_latent(self.batch_size, rng=rng, device=device)
-                labels = generator.sample_labels(self.batch_size, rng=rng, device=device)
-                images = generator(latent, labels)
+                if latents is not None:
+                    latent, labels = latents[0].to(device), latents[1].to(device)
+                    images = generator(latent, labels if generator.conditional else None)
+                else:
+                    latent = generator.sample_latent(self.batch_size, rng=rng, device=device)
+                    labels = generator.sample_labels(self.batch_size, rng=rng, device=device)
+                    images = generator(latent, labels)
                 loss, terms, cache = self.objective(
                     teacher=teacher, student=student, images=images, progress=progress,
                     weights=weights, labels=labels,

@@ -37,6 +37,8 @@ ORACLE = [
 
 # G re-initialised every round and the student on the pool of every round's samples.
 POOL = ["method.generator_reset=true", "distill.replay_rounds=10", "distill.replay_sampling=samples"]
+# ... and G's steps fitting one seeded batch to assigned classes, that batch being the next draw.
+ROUND_LATENTS = [*POOL, "method.generator_latents=round", "distill.pseudo_batches=1"]
 
 
 def command(name: str, out: Path, *extra: str, overrides: list[str] = ()) -> list[str]:
@@ -53,7 +55,8 @@ def student(out: Path, engine_key: str) -> dict[str, torch.Tensor]:
     return checkpoint[engine_key]["coordinator"]["student"]
 
 
-@pytest.mark.parametrize("overrides", [[], POOL], ids=["default", "generator-reset-pool"])
+@pytest.mark.parametrize("overrides", [[], POOL, ROUND_LATENTS],
+                         ids=["default", "generator-reset-pool", "round-latents"])
 def test_a_one_client_federation_equals_central_distillation(tmp_path, overrides):
     teachers = tmp_path / "pretrain"
     assert main(command("pretrain", teachers)) == 0

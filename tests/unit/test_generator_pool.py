@@ -10,6 +10,7 @@ from fed_dfkd.config import ConfigError, config_from_dict
 from fed_dfkd.coordinator import Coordinator, build_pseudo_generator
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer
+from fed_dfkd.samples import round_latents
 
 INFO = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.25,), tuple(str(i) for i in range(10)))
 
@@ -104,3 +105,86 @@ def test_reset_refuses_transports_and_modes_it_cannot_serve(federation, message)
     with pytest.raises(ConfigError, match="method.generator_reset") as error:
         _config(method={"generator_reset": True}, federation=federation, quantize_samples=True)
     assert message in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# method.generator_latents: round
+
+
+def test_round_latents_are_seeded_balanced_and_differ_between_rounds() -> None:
+    generator = Coordinator(_config(), INFO).generator
+    z, y = round_latents(generator, seed=3, round_index=5, batch_size=20, num_classes=10)
+    z2, y2 = round_latents(generator, seed=3, round_index=5, batch_size=20, num_classes=10)
+    assert torch.equal(z, z2) and torch.equal(y, y2)
+    assert z.shape == (20, generator.latent_dim)
+    assert torch.bincount(y, minlength=10).tolist() == [2] * 10
+    assert not torch.equal(y, torch.arange(20) % 10)  # shuffled
+    z3, _ = round_latents(generator, seed=3, round_index=6, batch_size=20, num_classes=10)
+    assert not torch.equal(z, z3)
+
+
+def _round_config(**distill):
+    return _config(method={"generator_latents": "round", "generator_steps": 3},
+                   pseudo_batches=1, **distill)
+
+
+def test_the_steps_fit_next_round_s_batch_and_the_draw_is_that_batch() -> None:
+    coordinator = Coordinator(_round_config(quantize_samples=False), INFO)
+    coordinator.round = 4
+    z_next, y_next = coordinator.step_latents()
+    assert torch.equal(z_next, coordinator.latents(5)[0])
+    assert torch.equal(y_next, coordinator.latents(5)[1])
+    coordinator.round = 5
+    generator = coordinator.generator
+    running = [b.clone() for b in generator.buffers()]
+    drawn = coordinator.draw_samples()
+    assert drawn.shape == (1, 8, 1, 8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(running, generator.buffers()))  # untouched
+    generator.train()
+    with torch.no_grad():
+        expected = generator(z_next)  # batch statistics, as the steps saw it
+    torch.testing.assert_close(drawn[0], expected)
+
+
+def test_every_generator_step_uses_the_given_batch_and_asks_for_its_classes(monkeypatch) -> None:
+    from fed_dfkd.models import build_classifier
+    from fed_dfkd.models.normalized import NormalizedClassifier, freeze
+    from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer
+
+    cfg = _round_config()
+    coordinator = Coordinator(cfg, INFO)
+    teacher = freeze(NormalizedClassifier(build_classifier("cnn_digits_bn", num_classes=10, in_channels=1,
+                                                           image_size=8), INFO.mean, INFO.std))
+    synthesizer = build_synthesizer(cfg.method, cfg.curriculum, batch_size=8,
+                                    teacher_feature_dim=teacher.feature_dim,
+                                    student_feature_dim=coordinator.student.feature_dim, seed=0)
+    seen_latents, seen_labels = [], []
+    forward = type(coordinator.generator).forward
+    monkeypatch.setattr(type(coordinator.generator), "forward",
+                        lambda self, z, labels=None: (seen_latents.append(z.clone()), forward(self, z, labels))[1])
+    objective = synthesizer.objective
+    monkeypatch.setattr(synthesizer, "objective",
+                        lambda **kw: (seen_labels.append(kw["labels"]), objective(**kw))[1])
+    latents = coordinator.latents(1)
+    synthesizer.step(teacher=teacher, student=coordinator.student, generator=coordinator.generator,
+                     optimizer=build_generator_optimizer(coordinator.generator, cfg.method),
+                     progress=Progress(fraction=0.0, round=0), rng=torch.Generator().manual_seed(0),
+                     latents=latents)
+    assert len(seen_latents) == len(seen_labels) == 3
+    assert all(torch.equal(z, latents[0]) for z in seen_latents)
+    assert all(torch.equal(y, latents[1]) for y in seen_labels)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pseudo_batches": 2}, "distill.pseudo_batches"),
+    ({"pseudo_batches": None}, "distill.pseudo_batches"),
+])
+def test_round_latents_need_one_pseudo_batch(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(method={"generator_latents": "round"}, **overrides)
+
+
+def test_round_latents_refuse_the_seed_transport() -> None:
+    with pytest.raises(ConfigError, match="method.generator_latents"):
+        _config(method={"generator_latents": "round"}, federation={"sample_transport": "seed"},
+                pseudo_batches=1, quantize_samples=True)
