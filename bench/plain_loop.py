@@ -11,6 +11,15 @@ whichever ends first; evaluations count against the wall time. One seed, ``runti
     python bench/plain_loop.py --config configs/fmnist_tuned.yaml \
         --teacher runs/fmnist_probe/teachers/central.pt --seconds 300
 
+With ``--pool`` the loop is DENSE / CMI's instead: every iteration re-initialises G (seeded by
+the iteration), takes ``--g-steps`` steps, adds one batch to a pool that keeps every batch, and
+the student's ``--s-steps`` steps draw their batches sample by sample from the whole pool,
+labelled once by the teacher when they joined it. ``fresh``: G's steps draw fresh latents and
+ask for the argmax (plus ``--w-bal``), and the pool's batch is a fresh draw; ``fixed``: G's
+steps all fit one latent batch to balanced assigned classes, and that batch joins the pool;
+``optimized``: the same, with the latents optimised next to G (as DENSE does). The framework's
+``method.generator_reset`` / ``generator_latents`` / ``distill.replay_sampling`` do ``fixed``.
+
 Prints one line per evaluation (elapsed seconds, iterations, student steps, test accuracy)
 and a final JSON line.
 """
@@ -29,6 +38,7 @@ import torch
 from fed_dfkd.augment import random_shift
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
+from fed_dfkd.samples import round_latents
 from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import evaluate_accuracy, load_teacher
 from fed_dfkd.errors import UserError
@@ -111,10 +121,15 @@ def run() -> None:
     ap.add_argument("--mixup", type=NON_NEGATIVE, default=0.0,
                     help="fraction of each student batch replaced by mixup pairs of G's samples, "
                          "labelled by the teacher like the rest")
+    ap.add_argument("--pool", choices=["off", "fresh", "fixed", "optimized"], default="off",
+                    help="DENSE / CMI synthesis: a fresh G per iteration and a pool of every "
+                         "batch (see the module docstring)")
     ap.add_argument("--threads", type=POSITIVE_INT, default=1)
     args = ap.parse_args()
     if args.mixup > 1:
         ap.error(f"--mixup is a fraction of the batch, in [0, 1]; got {args.mixup:g}")
+    if args.pool != "off" and (args.mixup or args.g_jitter or args.cosine_steps):
+        ap.error("--pool takes none of --mixup, --g-jitter, --cosine-steps")
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
@@ -136,11 +151,67 @@ def run() -> None:
         z = generator.sample_latent(args.batch, rng=rng)
         return generator(z, generator.sample_labels(args.batch, rng=rng))
 
+    def generator_loss(x: torch.Tensor, assigned: torch.Tensor | None = None) -> torch.Tensor:
+        """G's objective on its images x: BN prior, one-hot (to the argmax, or CE to the
+        ``assigned`` classes), class balance and the adversarial term, with the --w-* weights."""
+        with BatchNormStatistics(teacher, scale=cfg.method.bn_statistics_scale) as bn:
+            t = teacher(x)
+            loss = args.w_bn * bn.loss()
+        if args.w_oh:
+            loss = loss + args.w_oh * (one_hot_loss(t) if assigned is None
+                                       else torch.nn.functional.cross_entropy(t, assigned))
+        if args.w_bal:
+            loss = loss + args.w_bal * class_balance_loss(t, temperature=1.0)
+        if args.w_adv:
+            loss = loss + args.w_adv * adversarial_loss(student(x), t, divergence=args.adv,
+                                                        temperature=3.0)
+        return loss
+
+    pool_images: list[torch.Tensor] = []
+    pool_targets: list[torch.Tensor] = []
+
+    def pool_iteration(index: int) -> None:
+        """--pool: a fresh G fitted for --g-steps, one batch into the pool, student steps on it."""
+        nonlocal generator, student_steps
+        generator = build_pseudo_generator(cfg, splits.info, reset_round=index)
+        generator.train()
+        student.eval()
+        latent, assigned = round_latents(generator, seed=cfg.runtime.seed, round_index=index,
+                                         batch_size=args.batch, num_classes=splits.info.num_classes)
+        if args.pool == "optimized":
+            latent.requires_grad_(True)
+        params = list(generator.parameters()) + ([latent] if args.pool == "optimized" else [])
+        opt = torch.optim.Adam(params, lr=args.g_lr, betas=args.g_betas)
+        for _ in range(args.g_steps):
+            fresh = args.pool == "fresh"
+            x = draw() if fresh else generator(latent)
+            loss = generator_loss(x, None if fresh else assigned)
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            opt.step()
+        with torch.no_grad():  # train mode: the batch statistics G was fitted with
+            x = draw() if args.pool == "fresh" else generator(latent.detach())
+            pool_images.append(x)
+            pool_targets.append(teacher(x))
+        images, targets = torch.cat(pool_images), torch.cat(pool_targets)
+        student.train()
+        for _ in range(args.s_steps):
+            index_ = torch.randint(len(images), (args.batch,), generator=rng)
+            s_loss = kd_loss(student(images[index_]), targets[index_], divergence="kl",
+                             temperature=args.temperature)
+            opt_s.zero_grad(set_to_none=True)
+            s_loss.backward()
+            opt_s.step()
+            student_steps += 1
+
     start = time.perf_counter()
     next_eval = args.eval_seconds
     iterations = student_steps = 0
     history = []
-    while True:
+
+    def stream_iteration() -> None:
+        """The reference loop: --g-steps on G, then --s-steps on fresh batches of it."""
+        nonlocal student_steps
         # -- generator phase: G.train, S.eval, T frozen --------------------------------------
         generator.train()
         student.eval()
@@ -148,16 +219,7 @@ def run() -> None:
             x = draw()
             if args.g_jitter:
                 x = random_shift(x, max_shift=args.g_jitter, generator=rng)
-            with BatchNormStatistics(teacher) as bn:
-                t = teacher(x)
-                loss = args.w_bn * bn.loss()
-            if args.w_oh:
-                loss = loss + args.w_oh * one_hot_loss(t)
-            if args.w_bal:
-                loss = loss + args.w_bal * class_balance_loss(t, temperature=1.0)
-            if args.w_adv:
-                loss = loss + args.w_adv * adversarial_loss(student(x), t, divergence=args.adv,
-                                                            temperature=3.0)
+            loss = generator_loss(x)
             opt_g.zero_grad(set_to_none=True)
             loss.backward(inputs=list(generator.parameters()))
             opt_g.step()
@@ -181,6 +243,12 @@ def run() -> None:
             s_loss.backward()
             opt_s.step()
             student_steps += 1
+
+    while True:
+        if args.pool != "off":
+            pool_iteration(iterations)
+        else:
+            stream_iteration()
         iterations += 1
         elapsed = time.perf_counter() - start
         done = elapsed >= args.seconds or (args.cosine_steps and student_steps >= args.cosine_steps)

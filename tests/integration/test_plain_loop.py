@@ -63,6 +63,27 @@ def test_a_seed_reproduces_the_run_and_another_seed_changes_it(teacher: tuple[Pa
     assert other["student_checksum"] != first["student_checksum"]
 
 
+def _pool_command(teacher_file: Path, mode: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "bench" / "plain_loop.py"), "--config", str(QUICKSTART),
+        "--teacher", str(teacher_file), "--seconds", "8", "--eval-seconds", "600",
+        "--batch", "16", "--g-steps", "2", "--s-steps", "2", "--pool", mode,
+        *(arg for kv in OVERRIDES for arg in ("--set", kv)), *extra,
+    ]
+
+
+@pytest.mark.parametrize("mode", ["fresh", "fixed", "optimized"])
+def test_the_pool_modes_train_one_batch_per_iteration(teacher: tuple[Path, float], mode: str) -> None:
+    path, _ = teacher
+    done = subprocess.run(_pool_command(path, mode), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (last,) = result["history"]
+    assert last["iterations"] >= 1 and last["student_steps"] == 2 * last["iterations"]
+    assert 0.0 <= result["final_accuracy"] <= 1.0
+
+
 def test_a_missing_teacher_is_one_line_and_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pt"
     done = subprocess.run(_command(missing), capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -72,7 +93,8 @@ def test_a_missing_teacher_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [["--batch", "0"], ["--mixup", "1.5"], ["--g-betas", "0.9"],
-                                 ["--seconds", "nan"], ["--adv", "hinge"]])
+                                 ["--seconds", "nan"], ["--adv", "hinge"], ["--pool", "all"],
+                                 ["--pool", "fixed", "--mixup", "0.5"]])
 def test_a_bad_argument_is_a_usage_error(bad: list[str], tmp_path: Path) -> None:
     done = subprocess.run(_command(tmp_path / "unused.pt", *bad), capture_output=True, text=True,
                           timeout=120, cwd=REPO)
