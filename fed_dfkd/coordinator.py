@@ -33,7 +33,9 @@ def build_student(cfg: ExperimentConfig, info: DatasetInfo) -> NormalizedClassif
     return NormalizedClassifier(net, info.mean, info.std)
 
 
-def build_pseudo_generator(cfg: ExperimentConfig, info: DatasetInfo, *, reset_round: int | None = None) -> Generator:
+def build_pseudo_generator(
+    cfg: ExperimentConfig, info: DatasetInfo, *, reset_round: int | None = None
+) -> Generator:
     """G at its seeded initialisation; with ``reset_round``, the re-initialisation of that
     round (``method.generator_reset``), from its own seed."""
     g = cfg.models.generator
