@@ -182,15 +182,15 @@ def run() -> None:
             latent.requires_grad_(True)
         params = list(generator.parameters()) + ([latent] if args.pool == "optimized" else [])
         opt = torch.optim.Adam(params, lr=args.g_lr, betas=args.g_betas)
+        fresh = args.pool == "fresh"
         for _ in range(args.g_steps):
-            fresh = args.pool == "fresh"
             x = draw() if fresh else generator(latent)
             loss = generator_loss(x, None if fresh else assigned)
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=params)
             opt.step()
         with torch.no_grad():  # train mode: the batch statistics G was fitted with
-            x = draw() if args.pool == "fresh" else generator(latent.detach())
+            x = draw() if fresh else generator(latent.detach())
             pool_images.append(x)
             pool_targets.append(teacher(x))
         images, targets = torch.cat(pool_images), torch.cat(pool_targets)

@@ -699,20 +699,19 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(fe.sample_transport == "pixels" or fe.mode == "generator_and_logits",
              "federation.sample_transport",
              "seed needs mode generator_and_logits: in logits_only the clients hold no generator")
-    _require(not me.generator_reset or fe.sample_transport == "pixels",
-             "method.generator_reset",
-             "needs federation.sample_transport: pixels (with seed the clients would regenerate "
-             "the round's samples from the re-initialised G, not the one they were drawn from)")
-    _require(not me.generator_reset or fe.mode == "generator_and_logits",
-             "method.generator_reset", "needs federation.mode: generator_and_logits")
-    if me.generator_latents == "round":
-        _require(di.pseudo_batches == 1, "distill.pseudo_batches",
-                 "method.generator_latents: round draws the one batch G was fitted to: set 1 "
-                 "(with distill.replay_rounds for more samples)")
-        _require(fe.sample_transport == "pixels", "method.generator_latents",
-                 "round needs federation.sample_transport: pixels")
-        _require(fe.mode == "generator_and_logits", "method.generator_latents",
-                 "round needs federation.mode: generator_and_logits")
+    # Both options change which G (or latents) a round's samples come from, so the owners must
+    # receive the pixels (with seed they would regenerate them from the wrong G or latents), and
+    # they must hold a generator.
+    for active, name in ((me.generator_reset, "method.generator_reset"),
+                         (me.generator_latents == "round", "method.generator_latents")):
+        if active:
+            _require(fe.sample_transport == "pixels", name,
+                     "needs federation.sample_transport: pixels")
+            _require(fe.mode == "generator_and_logits", name,
+                     "needs federation.mode: generator_and_logits")
+    _require(me.generator_latents != "round" or di.pseudo_batches == 1, "distill.pseudo_batches",
+             "method.generator_latents: round draws the one batch G was fitted to: set 1 "
+             "(with distill.replay_rounds for more samples)")
     _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
              "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.

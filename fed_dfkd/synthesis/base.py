@@ -233,10 +233,12 @@ class Synthesizer(abc.ABC):
         generator.train()
         parameters = [p for p in generator.parameters() if p.requires_grad]
         device = next(generator.parameters()).device
+        if latents is not None:
+            latents = (latents[0].to(device), latents[1].to(device))
         try:
             for _ in range(steps):
                 if latents is not None:
-                    latent, labels = latents[0].to(device), latents[1].to(device)
+                    latent, labels = latents
                     images = generator(latent, labels if generator.conditional else None)
                 else:
                     latent = generator.sample_latent(self.batch_size, rng=rng, device=device)
