@@ -3,7 +3,9 @@
 The reference resizes MNIST to 32×32; here inputs smaller than 32×32 are zero-padded
 centrally inside the model instead, so 28×28 Fashion-MNIST (and 8×8 digits) go in unchanged.
 The ``_bn`` variants add BatchNorm after the first two convolutions so that a BN-statistics
-prior (L_bn) has something to match; the reference LeNets have no BN.
+prior (L_bn) has something to match; the reference LeNets have no BN. ``lenet5_bn_full`` adds it
+after every hidden layer (the 120-d third convolution and the 84-d fully connected layer too):
+the same network with 226 normalised channels for the prior instead of 22.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class LeNet5(Classifier):
         image_size: int,
         half: bool = False,
         batch_norm: bool = False,
+        batch_norm_full: bool = False,
     ) -> None:
         divisor = 2 if half else 1
         conv1_channels, conv2_channels = 6 // divisor, 16 // divisor
@@ -50,14 +53,19 @@ class LeNet5(Classifier):
             layers += [nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2)]
             return nn.Sequential(*layers)
 
+        batch_norm = batch_norm or batch_norm_full
         self.features = nn.Sequential(
             conv_block(in_channels, conv1_channels),  # 32 -> 28 -> 14
             conv_block(conv1_channels, conv2_channels),  # 14 -> 10 -> 5
             nn.Conv2d(conv2_channels, feature_dim, kernel_size=5),  # 5 -> 1
+            *([nn.BatchNorm2d(feature_dim)] if batch_norm_full else []),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, num_classes)
+            nn.Linear(feature_dim, hidden_dim),
+            *([nn.BatchNorm1d(hidden_dim)] if batch_norm_full else []),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, num_classes),
         )
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,6 +90,11 @@ def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> LeNet5:
 @CLASSIFIERS.register("lenet5_bn")
 def lenet5_bn(*, num_classes: int, in_channels: int, image_size: int) -> LeNet5:
     return LeNet5(num_classes=num_classes, in_channels=in_channels, image_size=image_size, batch_norm=True)
+
+
+@CLASSIFIERS.register("lenet5_bn_full")
+def lenet5_bn_full(*, num_classes: int, in_channels: int, image_size: int) -> LeNet5:
+    return LeNet5(num_classes=num_classes, in_channels=in_channels, image_size=image_size, batch_norm_full=True)
 
 
 @CLASSIFIERS.register("lenet5_half")

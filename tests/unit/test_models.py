@@ -21,6 +21,7 @@ from fed_dfkd.registry import UnknownNameError
 SMALL_CLASSIFIERS = [
     "lenet5",
     "lenet5_bn",
+    "lenet5_bn_full",
     "lenet5_half",
     "lenet5_half_bn",
     "cnn_digits",
@@ -63,7 +64,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_batch_norms(model: nn.Module) -> int:
-    return sum(isinstance(module, nn.BatchNorm2d) for module in model.modules())
+    return sum(isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) for module in model.modules())
 
 
 def build_on_meta(name: str, **sizes: int) -> Classifier:
@@ -137,6 +138,8 @@ def test_parameter_counts_at_100_classes(name: str, expected: float) -> None:
         ("lenet5", 61706, 0, 120),
         # + BN(6) and BN(16): 2·22 affine parameters
         ("lenet5_bn", 61750, 2, 120),
+        # + BN(120) and BN(84) as well: 2·(22 + 204) affine parameters
+        ("lenet5_bn_full", 62158, 4, 120),
         # conv 1→3 (78) + 3→8 (608) + 8→60 (12060) + fc 60→42 (2562) + 42→10 (430)
         ("lenet5_half", 15738, 0, 60),
         ("lenet5_half_bn", 15760, 2, 60),
