@@ -31,7 +31,7 @@ from fed_dfkd.models import Classifier
 from fed_dfkd.models.normalized import TeacherEnsemble, freeze
 from fed_dfkd.samples import as_float_images
 from fed_dfkd.seeding import make_rng
-from fed_dfkd.synthesis import build_generator_optimizer, build_synthesizer
+from fed_dfkd.synthesis import build_generator_optimizer, build_synthesizer, teacher_class_prior
 
 
 class CentralDistillation:
@@ -58,6 +58,13 @@ class CentralDistillation:
             teacher_feature_dim=self.teacher.feature_dim,
             student_feature_dim=self.student.feature_dim, seed=cfg.runtime.seed,
         )
+        self.class_prior = None
+        if cfg.method.class_balance_prior != "uniform":
+            histograms = self.teacher_weights
+            if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
+                raise ValueError("method.class_balance_prior: teacher needs the teachers' class histograms "
+                                 "as teacher_weights")
+            self.class_prior = teacher_class_prior(histograms, cfg.method).to(self.device)  # type: ignore
         self.last_samples: torch.Tensor | None = None
 
     @property
@@ -97,7 +104,7 @@ class CentralDistillation:
             teacher=self.teacher, student=self.student, generator=self.generator,
             optimizer=self.generator_optimizer, progress=progress,
             rng=make_rng(self.cfg.runtime.seed, "generator-steps", r, device=self.device),
-            latents=c.step_latents(),
+            latents=c.step_latents(), class_prior=self.class_prior,
         )
         student = c.train_student(samples, targets)
         c.end_round()

@@ -147,6 +147,10 @@ class MethodConfig:
     one_hot_weight: float | None = None
     class_balance_weight: float | None = None
     class_balance_temperature: float | None = None
+    # The class mix the class-balance term asks of the teacher: "uniform" (every reference), or
+    # "teacher": the mix of the data it was trained on (each owner's class histogram, plus one
+    # per class), so an owner's teacher that never saw a class is not asked to predict it.
+    class_balance_prior: Literal["uniform", "teacher"] = "uniform"
     activation_weight: float | None = None
     adversarial_weight: float | None = None
     adversarial_divergence: Literal["kl", "l1", "js", "adi"] | None = None
@@ -709,6 +713,10 @@ def _check(cfg: ExperimentConfig) -> None:
                      "needs federation.sample_transport: pixels")
             _require(fe.mode == "generator_and_logits", name,
                      "needs federation.mode: generator_and_logits")
+    _require(me.class_balance_prior == "uniform" or fe.mode == "generator_and_logits",
+             "method.class_balance_prior",
+             "teacher needs federation.mode: generator_and_logits (in logits_only the server's "
+             "generator steps see the whole ensemble, not one owner's teacher)")
     _require(me.generator_latents != "round" or di.pseudo_batches == 1, "distill.pseudo_batches",
              "method.generator_latents: round draws the one batch G was fitted to: set 1 "
              "(with distill.replay_rounds for more samples)")
@@ -739,6 +747,9 @@ def _check(cfg: ExperimentConfig) -> None:
         _require(di.ensemble not in ("weighted", "class_weighted"), "distill.ensemble",
                  f"{di.ensemble!r} weighs teachers by their class histograms, which a DP teacher "
                  "releases only through the summary (privacy.summary: true)")
+        _require(me.class_balance_prior == "uniform", "method.class_balance_prior",
+                 "teacher needs the teacher's class histogram, which a DP teacher has only through "
+                 "its summary (privacy.summary: true)")
     if pr.level == "client":
         if pr.noise_multiplier or pr.target_epsilon is not None:
             for clip in ("generator_clip", "logit_clip"):

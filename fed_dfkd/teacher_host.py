@@ -47,7 +47,7 @@ from fed_dfkd.protocol import (
 from fed_dfkd.runtime import resume_key
 from fed_dfkd.samples import dequantize_images, draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import make_rng
-from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer
+from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer, teacher_class_prior
 
 
 class TeacherHost:
@@ -75,6 +75,10 @@ class TeacherHost:
             student_feature_dim=self.student.feature_dim,
             seed=cfg.runtime.seed,
         )
+        # The owner's own class mix, used here only (it never leaves in this form).
+        self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method)
+        if self.class_prior is not None:
+            self.class_prior = self.class_prior.to(self.device)
         # Client-level DP: this owner's own plan (from its own config, never the server's word),
         # its ledger, and a secret seed for local noise (a seed the server knew would let it
         # subtract the noise).
@@ -203,6 +207,7 @@ class TeacherHost:
                     self.generator, seed=instruction.seed, round_index=instruction.round + 1,
                     batch_size=instruction.batch_size, num_classes=self.info.num_classes,
                     device=self.device),
+                class_prior=self.class_prior,
             )
             after = float_state(self.generator)
             delta = {k: (after[k] - before[k]).cpu() for k in before}

@@ -39,15 +39,29 @@ def _log_mean_probabilities(teacher_logits: Tensor, temperature: float) -> Tenso
     return torch.logsumexp(log_probabilities, dim=0) - math.log(teacher_logits.shape[0])
 
 
-def class_balance_loss(teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def class_balance_loss(
+    teacher_logits: Tensor, *, temperature: float = 1.0, prior: Tensor | None = None
+) -> Tensor:
     """Class balance, algorithms.md §1.2 batch entropy: Σ_c p̄_c log p̄_c = −H(p̄).
 
     p̄ = (1/B)·Σ_i σ_T(t_i). Minimising it maximises the batch entropy. The benchmark "balance"
     term is +w·Σ p̄ log p̄ (T = 1, w = 20); CuDFKD's λ_ent·H(p̄) with λ_ent = −20 at T = ``--T``
     equals this loss with weight +20 at that temperature.
+
+    With a ``prior`` π (a probability vector over the classes) it is KL(p̄ ‖ π) =
+    Σ_c p̄_c (log p̄_c − log π_c), minimised at p̄ = π: a teacher trained on a label-skewed share
+    is asked for its own class mix instead of the uniform one. A uniform π gives the loss above
+    plus log C, so the same gradients.
     """
     log_mean = _log_mean_probabilities(teacher_logits, temperature)
-    return (log_mean.exp() * log_mean).sum()
+    if prior is None:
+        return (log_mean.exp() * log_mean).sum()
+    if prior.shape != log_mean.shape or not bool((prior > 0).all()):
+        raise ValueError(
+            f"prior must be {tuple(log_mean.shape)} with positive entries, got shape {tuple(prior.shape)}"
+        )
+    log_prior = prior.to(log_mean).log() - prior.to(log_mean).sum().log()
+    return (log_mean.exp() * (log_mean - log_prior)).sum()
 
 
 def batch_entropy(teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:

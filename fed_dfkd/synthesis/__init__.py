@@ -11,6 +11,7 @@ from fed_dfkd.synthesis.base import (
     build_generator_optimizer,
     build_synthesizer,
     method_defaults,
+    teacher_class_prior,
 )
 from fed_dfkd.synthesis import adadfkd, cudfkd, dafl, deepinversion, dfad  # noqa: F401  (registration)
 
@@ -22,4 +23,5 @@ __all__ = [
     "build_generator_optimizer",
     "build_synthesizer",
     "method_defaults",
+    "teacher_class_prior",
 ]

@@ -17,7 +17,7 @@ import abc
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -138,13 +138,15 @@ class Synthesizer(abc.ABC):
         progress: Progress,
         weights: Mapping[str, float],
         labels: Tensor | None = None,
+        class_prior: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Weighted generator loss on ``images`` (in [0, 1], carrying G's graph).
 
         Returns ``(loss, terms, cache)`` where ``terms`` holds the unweighted value of every
         computed term and ``cache`` the tensors extra terms need (``teacher_features``,
         ``student_features``, ...). With ``labels`` (a conditional G's target classes) the
-        one-hot term is CE(t, labels) instead of CE(t, argmax t).
+        one-hot term is CE(t, labels) instead of CE(t, argmax t). With ``class_prior`` the
+        class-balance term is KL(p̄ ‖ prior) instead of −H(p̄).
         """
         # The BN hooks cost a mean and a variance per layer: only register them when used. A DP
         # teacher has no BatchNorm; its owner's private feature statistics are the targets.
@@ -166,7 +168,7 @@ class Synthesizer(abc.ABC):
             )
         if weights["class_balance"]:
             terms["class_balance"] = class_balance_loss(
-                teacher_logits, temperature=float(self.method.class_balance_temperature)
+                teacher_logits, temperature=float(self.method.class_balance_temperature), prior=class_prior
             )
         if weights["activation"]:
             terms["activation"] = activation_loss(teacher_features)
@@ -215,6 +217,7 @@ class Synthesizer(abc.ABC):
         progress: Progress,
         rng: torch.Generator,
         latents: tuple[Tensor, Tensor] | None = None,
+        class_prior: Tensor | None = None,
     ) -> SynthesisReport:
         """``method.generator_steps`` optimizer steps on G; teacher and student stay unchanged.
 
@@ -222,6 +225,8 @@ class Synthesizer(abc.ABC):
         its BatchNorm running statistics are not touched; gradients reach only G's parameters.
         With ``latents`` = ``(Z, Y)`` (``method.generator_latents: round``) every step uses that
         one batch, and the one-hot term asks for the assigned classes Y instead of the argmax.
+        ``class_prior`` (``method.class_balance_prior: teacher``, see :func:`teacher_class_prior`)
+        is the class mix the class-balance term asks of this teacher.
         """
         weights = self.term_weights(progress)
         steps = self.method.generator_steps
@@ -246,7 +251,7 @@ class Synthesizer(abc.ABC):
                     images = generator(latent, labels)
                 loss, terms, cache = self.objective(
                     teacher=teacher, student=student, images=images, progress=progress,
-                    weights=weights, labels=labels,
+                    weights=weights, labels=labels, class_prior=class_prior,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward(inputs=parameters)
@@ -278,6 +283,21 @@ class Synthesizer(abc.ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
+
+
+def teacher_class_prior(histograms: Sequence[Sequence[float]], method: MethodConfig) -> Tensor | None:
+    """The class-balance prior of ``method.class_balance_prior`` for a teacher trained on data with
+    these per-class counts (several rows: an ensemble, whose data is their sum).
+
+    ``None`` for ``uniform``. For ``teacher``: the summed counts plus one per class (add-one
+    smoothing: a class the teacher never saw gets a small share, not zero, whose log is finite).
+    """
+    if method.class_balance_prior == "uniform":
+        return None
+    counts = torch.tensor([[float(c) for c in row] for row in histograms], dtype=torch.float64)
+    if counts.dim() != 2 or counts.shape[0] == 0 or counts.shape[1] == 0 or bool((counts < 0).any()):
+        raise ValueError("class_balance_prior: teacher needs each teacher's class histogram (non-negative counts)")
+    return (counts.sum(dim=0) + 1.0).to(torch.float32)
 
 
 def method_defaults(name: str) -> Mapping[str, Any]:

@@ -348,6 +348,26 @@ def test_class_balance_uses_temperature_and_is_minimal_for_uniform_mean() -> Non
     assert class_balance_loss(balanced).item() < class_balance_loss(teacher).item()
 
 
+def test_class_balance_with_a_prior_is_the_kl_to_it() -> None:
+    teacher = torch.tensor([[LN2, 0.0, 0.0], [0.0, LN2, 0.0]])  # p̄ = [3/8, 3/8, 1/4]
+    mean_probabilities = [0.375, 0.375, 0.25]
+    prior = torch.tensor([6.0, 1.0, 1.0])  # unnormalised counts: π = [3/4, 1/8, 1/8]
+    expected = sum(p * math.log(p / q) for p, q in zip(mean_probabilities, [0.75, 0.125, 0.125]))
+    assert class_balance_loss(teacher, prior=prior).item() == pytest.approx(expected, rel=1e-5)
+    # Uniform π: the plain loss plus log C (same gradients).
+    uniform = class_balance_loss(teacher, prior=torch.ones(3)).item()
+    assert uniform == pytest.approx(class_balance_loss(teacher).item() + math.log(3.0), rel=1e-5)
+    # Zero exactly when p̄ = π, and not at the uniform mean any more.
+    matching = torch.log(torch.tensor([[0.75, 0.125, 0.125]]))
+    assert class_balance_loss(matching, prior=prior).item() == pytest.approx(0.0, abs=1e-6)
+    balanced = torch.eye(3) * 5.0
+    assert class_balance_loss(balanced, prior=prior).item() > 0.1
+    with pytest.raises(ValueError, match="positive"):
+        class_balance_loss(teacher, prior=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="prior must be"):
+        class_balance_loss(teacher, prior=torch.ones(2))
+
+
 def test_class_balance_is_finite_when_a_class_probability_underflows() -> None:
     teacher = torch.tensor([[200.0, 0.0], [200.0, 0.0]])
     loss = class_balance_loss(teacher)
