@@ -2,9 +2,10 @@
 
 Importing this package registers every architecture:
 
-* classifiers (``CLASSIFIERS``): ``lenet5``, ``lenet5_bn``, ``lenet5_bn_full``, ``lenet5_half``, ``lenet5_half_bn``,
-  ``cnn_digits``, ``cnn_digits_bn``, ``cnn_digits_half``, ``cnn_digits_half_bn``, ``resnet18``,
-  ``resnet34``, ``wrn16_1``, ``wrn16_2``, ``wrn40_1``, ``wrn40_2``, ``vgg11_bn``;
+* classifiers (``CLASSIFIERS``): ``lenet5``, ``lenet5_bn``, ``lenet5_bn_full``, ``lenet5_half``,
+  ``lenet5_half_bn``, ``cnn_digits``, ``cnn_digits_bn``, ``cnn_digits_half``,
+  ``cnn_digits_half_bn``, ``resnet18``, ``resnet34``, ``wrn16_1``, ``wrn16_2``, ``wrn40_1``,
+  ``wrn40_2``, ``vgg11_bn``;
 * generators (``GENERATORS``): ``dcgan``.
 """
 

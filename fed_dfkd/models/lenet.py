@@ -94,7 +94,9 @@ def lenet5_bn(*, num_classes: int, in_channels: int, image_size: int) -> LeNet5:
 
 @CLASSIFIERS.register("lenet5_bn_full")
 def lenet5_bn_full(*, num_classes: int, in_channels: int, image_size: int) -> LeNet5:
-    return LeNet5(num_classes=num_classes, in_channels=in_channels, image_size=image_size, batch_norm_full=True)
+    return LeNet5(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, batch_norm_full=True
+    )
 
 
 @CLASSIFIERS.register("lenet5_half")

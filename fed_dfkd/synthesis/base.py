@@ -296,7 +296,9 @@ def teacher_class_prior(histograms: Sequence[Sequence[float]], method: MethodCon
         return None
     counts = torch.tensor([[float(c) for c in row] for row in histograms], dtype=torch.float64)
     if counts.dim() != 2 or counts.shape[0] == 0 or counts.shape[1] == 0 or bool((counts < 0).any()):
-        raise ValueError("class_balance_prior: teacher needs each teacher's class histogram (non-negative counts)")
+        raise ValueError(
+            "class_balance_prior: teacher needs each teacher's class histogram (non-negative counts)"
+        )
     return (counts.sum(dim=0) + 1.0).to(torch.float32)
 
 
