@@ -64,7 +64,9 @@ class CentralDistillation:
             if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
                 raise ValueError("method.class_balance_prior: teacher needs the teachers' class histograms "
                                  "as teacher_weights")
-            self.class_prior = teacher_class_prior(histograms, cfg.method).to(self.device)  # type: ignore
+            self.class_prior = teacher_class_prior(
+                histograms, cfg.method, device=self.device  # type: ignore[arg-type]
+            )
         self.last_samples: torch.Tensor | None = None
 
     @property

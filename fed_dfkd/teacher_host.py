@@ -76,9 +76,8 @@ class TeacherHost:
             seed=cfg.runtime.seed,
         )
         # The owner's own class mix, used here only (it never leaves in this form).
-        self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method)
-        if self.class_prior is not None:
-            self.class_prior = self.class_prior.to(self.device)
+        self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method,
+                                               device=self.device)
         # Client-level DP: this owner's own plan (from its own config, never the server's word),
         # its ledger, and a secret seed for local noise (a seed the server knew would let it
         # subtract the noise).

@@ -285,7 +285,9 @@ class Synthesizer(abc.ABC):
             raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
 
 
-def teacher_class_prior(histograms: Sequence[Sequence[float]], method: MethodConfig) -> Tensor | None:
+def teacher_class_prior(
+    histograms: Sequence[Sequence[float]], method: MethodConfig, *, device: torch.device | str = "cpu"
+) -> Tensor | None:
     """The class-balance prior of ``method.class_balance_prior`` for a teacher trained on data with
     these per-class counts (several rows: an ensemble, whose data is their sum).
 
@@ -299,7 +301,7 @@ def teacher_class_prior(histograms: Sequence[Sequence[float]], method: MethodCon
         raise ValueError(
             "class_balance_prior: teacher needs each teacher's class histogram (non-negative counts)"
         )
-    return (counts.sum(dim=0) + 1.0).to(torch.float32)
+    return (counts.sum(dim=0) + 1.0).to(device=device, dtype=torch.float32)
 
 
 def method_defaults(name: str) -> Mapping[str, Any]:
