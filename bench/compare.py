@@ -3,10 +3,12 @@ tabulate the reports (markdown + CSV), with wall times.
 
     python bench/compare.py --config configs/fmnist_lenet5.yaml --out runs/bench/fmnist \
         --variant adadfkd:method.name=adadfkd --variant cudfkd:method.name=cudfkd \
-        --seeds adadfkd=0,1,2 --teachers runs/bench/fmnist/teachers-run
+        --seeds adadfkd=0,1,2
 
-Every variant shares one pretrained teacher folder (pretrained once, first), so the table
-compares distillation only. Runs go one after another (``--jobs 2`` runs two at a time with one
+Every variant shares one teacher folder, so the table compares distillation only: pretrained
+once, first, into OUT/teachers-run, or an existing one given by ``--teachers`` (a folder with
+``teachers/central.pt``, as `fed-dfkd pretrain --central` or an earlier run leaves it). A run
+whose OUT/NAME-seedS/report.json is complete is reused, not run again. Runs go one after another (``--jobs 2`` runs two at a time with one
 thread each, which is what a 2-core machine can do without oversubscription).
 """
 
@@ -31,9 +33,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_one(config: str, out: Path, teachers: Path, overrides: list[str], threads: int) -> dict:
-    if (out / "report.json").exists() and json.loads((out / "report.json").read_text()).get(
-        "rounds_completed") == json.loads((out / "report.json").read_text()).get("rounds_total"):
-        return json.loads((out / "report.json").read_text())  # finished earlier: reuse
+    if (out / "report.json").exists():
+        earlier = json.loads((out / "report.json").read_text())
+        if earlier.get("rounds_completed") == earlier.get("rounds_total"):
+            return earlier  # finished earlier: reuse
     command = [*FED_DFKD, "distill", "--config", config, "--out", str(out), "--teachers", str(teachers),
                "--set", f"runtime.threads={threads}", "--set", "runtime.progress=lines"]
     if (out / "checkpoints" / "last.pt").exists():
@@ -59,13 +62,19 @@ def main() -> int:
     parser.add_argument("--set", dest="common", action="append", default=[],
                         help="override applied to every run")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--teachers", help="reuse this teacher folder instead of pretraining one")
     args = parser.parse_args()
 
     out = Path(args.out)
-    teachers = out / "teachers-run"
-    subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
-                    "--no-clients", "--set", "runtime.threads=1",
-                    *sum((["--set", s] for s in args.common), [])], check=True)
+    if args.teachers:
+        teachers = Path(args.teachers)
+        if not (teachers / "teachers" / "central.pt").is_file():
+            parser.error(f"--teachers {teachers}: no teachers/central.pt there")
+    else:
+        teachers = out / "teachers-run"
+        subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
+                        "--no-clients", "--set", "runtime.threads=1",
+                        *sum((["--set", s] for s in args.common), [])], check=True)
     seeds = {name: [int(s) for s in values.split(",")]
              for name, values in (item.split("=", 1) for item in args.seeds)}
     jobs = []
