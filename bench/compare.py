@@ -8,8 +8,9 @@ tabulate the reports (markdown + CSV), with wall times.
 Every variant shares one teacher folder, so the table compares distillation only: pretrained
 once, first, into OUT/teachers-run, or an existing one given by ``--teachers`` (a folder with
 ``teachers/central.pt``, as `fed-dfkd pretrain --central` or an earlier run leaves it). A run
-whose OUT/NAME-seedS/report.json is complete is reused, not run again. Runs go one after another (``--jobs 2`` runs two at a time with one
-thread each, which is what a 2-core machine can do without oversubscription).
+whose OUT/NAME-seedS/report.json is complete is reused, not run again. Runs go one after
+another (``--jobs 2`` runs two at a time with one thread each, which is what a 2-core machine
+can do without oversubscription).
 """
 
 from __future__ import annotations
