@@ -8,9 +8,9 @@ tabulate the reports (markdown + CSV), with wall times.
 Every variant shares one teacher folder, so the table compares distillation only: pretrained
 once, first, into OUT/teachers-run, or an existing one given by ``--teachers`` (a folder with
 ``teachers/central.pt``, as `fed-dfkd pretrain --central` or an earlier run leaves it). A run
-whose OUT/NAME-seedS/report.json is complete is reused, not run again. Runs go one after
-another (``--jobs 2`` runs two at a time with one thread each, which is what a 2-core machine
-can do without oversubscription).
+whose OUT/NAME-seedS/report.json is complete is reused, not run again (refused if it was made
+under another config or on other teachers). Runs go one after another (``--jobs 2`` runs two
+at a time with one thread each, which is what a 2-core machine can do without oversubscription).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fed_dfkd.errors import UserError
+
 FED_DFKD = [sys.executable, "-m", "fed_dfkd.cli.main"]
 
 
@@ -33,11 +35,31 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
-def run_one(config: str, out: Path, teachers: Path, overrides: list[str], threads: int) -> dict:
-    if (out / "report.json").exists():
-        earlier = json.loads((out / "report.json").read_text())
-        if earlier.get("rounds_completed") == earlier.get("rounds_total"):
-            return earlier  # finished earlier: reuse
+def finished_report(config: str, out: Path, teachers: Path, overrides: list[str]) -> dict | None:
+    """The report of a run that finished earlier in ``out``, to reuse; ``None`` if there is none.
+    A finished run made under another config or with other teachers raises ValueError: reusing it
+    would put another experiment's number in the table."""
+    from fed_dfkd.config import load_config
+    from fed_dfkd.runtime import resume_key
+
+    if not (out / "report.json").exists():
+        return None
+    earlier = json.loads((out / "report.json").read_text())
+    if earlier.get("rounds_completed") != earlier.get("rounds_total"):
+        return None  # unfinished: run_one resumes it (distill --resume checks its config)
+    if resume_key(load_config(out / "config.resolved.yaml")) != resume_key(load_config(config, overrides)):
+        raise ValueError(f"{out} holds a finished run made under another config than this variant's; "
+                         "delete it or choose another --out")
+    if earlier.get("teachers_dir") != str(teachers.resolve()):
+        raise ValueError(f"{out} holds a finished run on the teachers in {earlier.get('teachers_dir')}, "
+                         f"not {teachers.resolve()}; delete it or choose another --out")
+    return earlier
+
+
+def run_one(config: str, out: Path, teachers: Path, overrides: list[str], threads: int,
+            earlier: dict | None) -> dict:
+    if earlier is not None:
+        return earlier
     command = [*FED_DFKD, "distill", "--config", config, "--out", str(out), "--teachers", str(teachers),
                "--set", f"runtime.threads={threads}", "--set", "runtime.progress=lines"]
     if (out / "checkpoints" / "last.pt").exists():
@@ -67,15 +89,9 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.out)
-    if args.teachers:
-        teachers = Path(args.teachers)
-        if not (teachers / "teachers" / "central.pt").is_file():
-            parser.error(f"--teachers {teachers}: no teachers/central.pt there")
-    else:
-        teachers = out / "teachers-run"
-        subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
-                        "--no-clients", "--set", "runtime.threads=1",
-                        *sum((["--set", s] for s in args.common), [])], check=True)
+    teachers = Path(args.teachers) if args.teachers else out / "teachers-run"
+    if args.teachers and not (teachers / "teachers" / "central.pt").is_file():
+        parser.error(f"--teachers {teachers}: no teachers/central.pt there")
     seeds = {name: [int(s) for s in values.split(",")]
              for name, values in (item.split("=", 1) for item in args.seeds)}
     jobs = []
@@ -83,11 +99,21 @@ def main() -> int:
         name, overrides = parse_variant(text)
         for seed in seeds.get(name, [0]):
             jobs.append((name, seed, [*args.common, *overrides, f"runtime.seed={seed}"]))
+    try:  # before any work: a stale run is refused, not tabulated
+        earlier = [finished_report(args.config, out / f"{name}-seed{seed}", teachers, overrides)
+                   for name, seed, overrides in jobs]
+    except (ValueError, UserError) as error:  # UserError: a bad --config or --set
+        parser.error(str(error))
+    if not args.teachers:
+        subprocess.run([*FED_DFKD, "pretrain", "--config", args.config, "--out", str(teachers), "--central",
+                        "--no-clients", "--set", "runtime.threads=1",
+                        *sum((["--set", s] for s in args.common), [])], check=True)
     threads = 1 if args.jobs > 1 else 2
     started = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         reports = list(pool.map(
-            lambda job: run_one(args.config, out / f"{job[0]}-seed{job[1]}", teachers, job[2], threads), jobs))
+            lambda job, reuse: run_one(args.config, out / f"{job[0]}-seed{job[1]}", teachers, job[2],
+                                       threads, reuse), jobs, earlier))
     rows = []
     for (name, seed, _), report in zip(jobs, reports):
         rows.append({"variant": name, "seed": seed, "student_accuracy": report["student_accuracy"],

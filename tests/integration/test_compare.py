@@ -59,6 +59,17 @@ def test_one_run_per_variant_and_seed_on_the_given_teacher(teachers, tmp_path: P
     assert (tmp_path / "dafl-seed0" / "report.json").stat().st_mtime_ns == stamp  # reused
     assert (tmp_path / "results.md").read_text().splitlines() == table
 
+    # A finished run under another config is refused before any work, not tabulated as this one.
+    changed = _compare(tmp_path, "--teachers", str(folder), "--set", "distill.lr=0.01")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert f"{tmp_path / 'adadfkd-seed0'} holds a finished run made under another config" in changed.stderr
+    assert (tmp_path / "dafl-seed0" / "report.json").stat().st_mtime_ns == stamp
+    elsewhere = tmp_path / "other-teachers"
+    elsewhere.mkdir()
+    (elsewhere / "teachers").symlink_to(folder / "teachers")
+    moved = _compare(tmp_path, "--teachers", str(elsewhere))
+    assert moved.returncode == 2 and "finished run on the teachers in" in moved.stderr
+
 
 def test_a_teacher_folder_without_a_central_teacher_is_refused(tmp_path: Path) -> None:
     done = _compare(tmp_path / "out", "--teachers", str(tmp_path))
