@@ -243,6 +243,13 @@ class FederationConfig:
     # pixels: the round's uint8 pseudo-samples travel down; seed: no pixels travel, each client
     # regenerates them from the G it receives and the round's seeded stream (docs/architecture.md).
     sample_transport: Literal["pixels", "seed"] = "pixels"
+    # shared: one G, the owners' updates averaged into it. per_owner: the server keeps each
+    # replying owner's fitted G apart and draws the next round's samples from every one of them
+    # (needs the DENSE-style pool: generator_reset and generator_latents round).
+    generators: Literal["shared", "per_owner"] = "shared"
+    # per_owner: the classes each owner's G is fitted to: own (in the proportions of the owner's
+    # class histogram, which never leaves it) or balanced.
+    owner_labels: Literal["own", "balanced"] = "own"
     # Also serialise, every round, the straightforward float32 exchange of the same round (float32
     # G, S and images down; float32 ΔG and logits up) and report its bytes next to the real ones.
     measure_float32_baseline: bool = False
@@ -713,6 +720,19 @@ def _check(cfg: ExperimentConfig) -> None:
                      "needs federation.sample_transport: pixels")
             _require(fe.mode == "generator_and_logits", name,
                      "needs federation.mode: generator_and_logits")
+    if fe.generators == "per_owner":
+        for ok, name, why in (
+            (fe.mode == "generator_and_logits", "federation.mode", "generator_and_logits (owners fit G)"),
+            (me.generator_reset, "method.generator_reset", "true (each owner fits a fresh G)"),
+            (me.generator_latents == "round", "method.generator_latents",
+             "round (the server redraws the batch each owner's G was fitted to)"),
+            (not m.generator.conditional, "models.generator.conditional",
+             "false (the server redraws an owner's batch from its latents alone)"),
+            (not (pr.level == "client" and pr.mechanism == "central"), "privacy.mechanism",
+             "local (central client-level DP noises the sum of the updates, and per-owner "
+             "generators are never summed)"),
+        ):
+            _require(ok, name, f"federation.generators: per_owner needs {why}")
     _require(me.class_balance_prior == "uniform" or fe.mode == "generator_and_logits",
              "method.class_balance_prior",
              "teacher needs federation.mode: generator_and_logits (in logits_only the server's "

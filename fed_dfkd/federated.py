@@ -21,7 +21,13 @@ from torch import Tensor
 
 from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig
-from fed_dfkd.coordinator import Coordinator, float_state, mean_metrics, round_metrics
+from fed_dfkd.coordinator import (
+    Coordinator,
+    build_pseudo_generator,
+    float_state,
+    mean_metrics,
+    round_metrics,
+)
 from fed_dfkd.curriculum import schedules
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.privacy.client_level import (
@@ -34,6 +40,7 @@ from fed_dfkd.privacy.client_level import (
 )
 from fed_dfkd.protocol import ClientUpdate, PrivacySpecData, RoundInstruction
 from fed_dfkd.runtime import resume_key
+from fed_dfkd.samples import draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import make_rng
 from fed_dfkd.zeroth_order import ZerothOrderGeneratorTrainer, ZerothOrderQuery
 
@@ -88,6 +95,11 @@ class FederatedServer:
         self._query: ZerothOrderQuery | None = None
         self.privacy = FederationPrivacy(cfg)
         self._wire: torch.nn.Module | None = None
+        # federation.generators: per_owner: the fitted G of each owner that replied last round
+        # (partition id -> full state), and a scratch G to draw from them.
+        self.per_owner = fe.generators == "per_owner"
+        self.owner_generators: dict[int, dict[str, Tensor]] = {}
+        self._scratch: torch.nn.Module | None = None
         # Names this run for the owners' ledgers; kept in the checkpoint, so a resumed server is
         # the same run to them (its rounds are not charged twice).
         self.run_key = secrets.token_hex(8)
@@ -115,7 +127,7 @@ class FederatedServer:
             samples = c.draw_samples(self._wire_generator())
             wire_samples = samples.new_zeros((0, *samples.shape[2:]))
         else:
-            samples = c.draw_samples()
+            samples = self._draw_owner_samples() if self.owner_generators else c.draw_samples()
             wire_samples = samples.flatten(0, 1)
         if cfg.method.generator_reset:
             # After the draw (pixels transport: the samples travel as drawn), before G is sent:
@@ -149,10 +161,39 @@ class FederatedServer:
         )
         return instruction, samples
 
+    def _draw_owner_samples(self) -> Tensor:
+        """``[owners, B, C, H, W]``: each kept owner's G on the latents it was fitted to."""
+        c, cfg = self.coordinator, self.cfg
+        if self._scratch is None:
+            self._scratch = build_pseudo_generator(cfg, self.info).to(c.device)
+        batches = []
+        for owner, state in sorted(self.owner_generators.items()):
+            self._scratch.load_state_dict(state)
+            latents = round_latents(self._scratch, seed=cfg.runtime.seed, round_index=c.round,
+                                    batch_size=cfg.distill.batch_size,
+                                    num_classes=self.info.num_classes, device=c.device, owner=owner)
+            batches.append(draw_pseudo_batches(
+                self._scratch, num_batches=1, batch_size=cfg.distill.batch_size,
+                rng=make_rng(cfg.runtime.seed, "pseudo-batches", c.round, device=c.device),
+                quantize=cfg.distill.quantize_samples, batch_statistics=True, latents=latents))
+        return torch.cat(batches)
+
+    @torch.no_grad()
+    def _keep_owner_generators(self, updates: Sequence[ClientUpdate]) -> None:
+        """Each replying owner's fitted G: the fresh G it was sent plus its ΔG."""
+        base = self.coordinator.generator.state_dict()
+        kept: dict[int, dict[str, Tensor]] = {}
+        for update in updates:
+            if update.generator_delta is None:
+                continue
+            state = {k: v.detach().clone() for k, v in base.items()}
+            for name, value in update.generator_delta.items():
+                state[name] += value.to(state[name].device, state[name].dtype)
+            kept[update.report.partition_id] = state
+        self.owner_generators = kept
+
     def _wire_generator(self) -> torch.nn.Module:
         """G as the clients load it: G itself in float32, else a copy cast to ``state_dtype``."""
-        from fed_dfkd.coordinator import build_pseudo_generator
-
         if self.cfg.federation.state_dtype == "float32":
             return self.coordinator.generator
         if self._wire is None:
@@ -178,7 +219,9 @@ class FederatedServer:
         central = self.privacy.central_aggregate(updates, round_index=r)
         if cfg.federation.mode == "generator_and_logits":
             deltas = [u.generator_delta for u in updates if u.generator_delta is not None]
-            if central is not None and central[0] is not None:
+            if self.per_owner:
+                self._keep_owner_generators(updates)
+            elif central is not None and central[0] is not None:
                 c.apply_generator_update(central[0])
             elif central is None and len(deltas) == len(updates):
                 c.apply_generator_update(
@@ -215,6 +258,8 @@ class FederatedServer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"coordinator": self.coordinator.state_dict(),
                                  "privacy": self.privacy.state_dict(), "run_key": self.run_key}
+        if self.per_owner:
+            state["owner_generators"] = {k: dict(v) for k, v in self.owner_generators.items()}
         if self.zeroth_order is not None:
             state["zeroth_order"] = self.zeroth_order.state_dict()
         return state
@@ -228,6 +273,12 @@ class FederatedServer:
         elif self.privacy.level != "none" and self.coordinator.round:
             raise ValueError("the checkpoint has no privacy ledger; resuming would forget the "
                              "privacy already spent")
+        if self.per_owner:
+            if "owner_generators" not in state and self.coordinator.round:
+                raise ValueError("the checkpoint has no per-owner generators, which "
+                                 "federation.generators: per_owner needs to resume")
+            self.owner_generators = {int(k): {n: t.to(self.coordinator.device) for n, t in v.items()}
+                                     for k, v in dict(state.get("owner_generators", {})).items()}
         if self.zeroth_order is not None:
             if "zeroth_order" not in state:
                 raise ValueError("the checkpoint has no zeroth-order generator state (G's server "

@@ -6,6 +6,8 @@ same tensor, 4x smaller than float32) and used for the teachers' logits and the 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,33 @@ def dequantize_images(images: Tensor) -> Tensor:
     return images.to(torch.float32) / 255.0
 
 
+def assigned_labels(
+    batch_size: int, num_classes: int, *, rng: torch.Generator, class_counts: Sequence[float] | None = None
+) -> Tensor:
+    """The classes a latent batch is fitted to, shuffled with ``rng``.
+
+    Balanced (class ``i mod num_classes`` for row i) without ``class_counts`` or when they sum
+    to zero; otherwise each class gets a share of the batch proportional to its count (floors,
+    then the largest remainders, ties to the lower class), so an owner's generator is asked for
+    the classes its teacher was trained on, in their proportions.
+    """
+    counts = None if class_counts is None else torch.tensor([float(c) for c in class_counts],
+                                                            dtype=torch.float64)
+    if counts is None or float(counts.sum()) <= 0:
+        labels = torch.arange(batch_size) % num_classes
+    else:
+        if len(counts) != num_classes or bool((counts < 0).any()):
+            raise ValueError(f"class_counts must be {num_classes} non-negative counts, got {list(class_counts or [])}")
+        quota = counts / counts.sum() * batch_size
+        shares = quota.floor().long()
+        remainder = quota - shares
+        # Stable sort: equal remainders go to the lower class.
+        order = torch.sort(-remainder, stable=True).indices
+        shares[order[: batch_size - int(shares.sum())]] += 1
+        labels = torch.repeat_interleave(torch.arange(num_classes), shares)
+    return labels[torch.randperm(batch_size, generator=rng)]
+
+
 def round_latents(
     generator: Generator,
     *,
@@ -33,6 +62,8 @@ def round_latents(
     batch_size: int,
     num_classes: int,
     device: torch.device | str | None = None,
+    owner: int | None = None,
+    class_counts: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``method.generator_latents: round``: the latent batch Z and its assigned classes Y of a
     round, the same for every party (seeded by ``"round-latents"`` and the round).
@@ -40,10 +71,16 @@ def round_latents(
     Y is balanced: class ``i mod num_classes`` for row i, shuffled. G's steps in round r fit
     G(Z_{r+1}) to Y_{r+1}; the pseudo-batch drawn in round r + 1 is G(Z_{r+1}), the batch G was
     fitted to (DENSE / CMI's synthesis of one batch, with assigned targets).
+
+    With ``owner`` (``federation.generators: per_owner``) the stream is that owner's own, so
+    every owner's generator fits a different batch; with ``class_counts`` Y follows those counts
+    (:func:`assigned_labels`). Z never depends on the counts, so the server redraws an owner's
+    batch from Z alone (an unconditional G) without knowing them.
     """
-    rng = make_rng(seed, "round-latents", round_index)
+    rng = (make_rng(seed, "round-latents", round_index) if owner is None
+           else make_rng(seed, "round-latents", round_index, "owner", owner))
     latents = generator.sample_latent(batch_size, rng=rng, device=device)
-    labels = (torch.arange(batch_size) % num_classes)[torch.randperm(batch_size, generator=rng)]
+    labels = assigned_labels(batch_size, num_classes, rng=rng, class_counts=class_counts)
     return latents, labels if device is None else labels.to(device)
 
 

@@ -168,6 +168,23 @@ class TeacherHost:
         chunks = [self.teacher(images[i : i + 1024]) for i in range(0, len(images), 1024)]
         return torch.cat(chunks).float().cpu()
 
+    def _step_latents(self, instruction: RoundInstruction) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What this round's generator steps fit (the next round's batch), or None (fresh latents).
+
+        With ``federation.generators: per_owner`` the batch is this owner's own, and with
+        ``owner_labels: own`` its classes follow the owner's class histogram.
+        """
+        if self.cfg.method.generator_latents != "round":
+            return None
+        fe = self.cfg.federation
+        per_owner = fe.generators == "per_owner"
+        return round_latents(
+            self.generator, seed=instruction.seed, round_index=instruction.round + 1,
+            batch_size=instruction.batch_size, num_classes=self.info.num_classes, device=self.device,
+            owner=self.partition_id if per_owner else None,
+            class_counts=self.manifest.class_histogram if per_owner and fe.owner_labels == "own" else None,
+        )
+
     def serve(self, instruction: RoundInstruction) -> ClientUpdate | RefusalData:
         # The budget is checked here, after the ClientApp loaded this owner's ledger.
         refusal = self.check(instruction) or self._budget_refusal(instruction)
@@ -202,10 +219,7 @@ class TeacherHost:
                 optimizer=self.generator_optimizer,
                 progress=Progress(fraction=instruction.progress, round=instruction.round),
                 rng=make_rng(instruction.seed, "generator-steps", instruction.round, device=self.device),
-                latents=None if self.cfg.method.generator_latents != "round" else round_latents(
-                    self.generator, seed=instruction.seed, round_index=instruction.round + 1,
-                    batch_size=instruction.batch_size, num_classes=self.info.num_classes,
-                    device=self.device),
+                latents=self._step_latents(instruction),
                 class_prior=self.class_prior,
             )
             after = float_state(self.generator)

@@ -185,6 +185,32 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
     assert report["bytes_up"] == read_report(completed_run)["bytes_up"]
 
 
+PER_OWNER = FAST + ["federation.generators=per_owner", "method.generator_reset=true",
+                    "method.generator_latents=round", "distill.pseudo_batches=1",
+                    "distill.replay_rounds=100", "distill.replay_sampling=samples"]
+
+
+def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
+    """Each round after the first draws one batch per owner that replied to the last one, and the
+    kept generators are part of the checkpoint: an interrupted run resumes to the same state."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert simulate(whole, teachers=teachers, overrides=PER_OWNER) == 0
+    state = load_checkpoint(whole)["server"]
+    assert sorted(state["owner_generators"]) == [0, 1, 2]
+    # The pool: round 1 drew one batch from the fresh G, rounds 2 and 3 one batch per owner.
+    pool = state["coordinator"]["replay"]["entries"]
+    assert [tuple(images.shape[:2]) for images, _ in pool] == [(1, 32), (3, 32), (3, 32)]
+    assert [h["replies"] for h in read_report(whole)["history"]] == [3, 3, 3]
+
+    stop_before_round(monkeypatch, 2)
+    assert simulate(cut, teachers=teachers, overrides=PER_OWNER) == 130
+    monkeypatch.undo()
+    assert simulate(cut, "--resume", teachers=teachers, overrides=PER_OWNER) == 0
+    resumed = load_checkpoint(cut)["server"]
+    resumed.pop("run_key"), state.pop("run_key")
+    assert_same_state(resumed, state, "server")
+
+
 # --------------------------------------------------------------------------------------------
 # Malformed replies and too few clients
 # --------------------------------------------------------------------------------------------
