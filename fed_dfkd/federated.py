@@ -154,8 +154,10 @@ class FederatedServer:
             privacy=self.privacy.spec,
             sample_transport=fe.sample_transport, run_key=self.run_key,
             sample_batches=int(samples.shape[0]) if fe.sample_transport == "seed" else 0,
-            # Copies: complete_round changes the live weights in place.
-            generator_state=_copy_state(c.generator) if mode == "generator_and_logits" else {},
+            # Copies: complete_round changes the live weights in place. A reset G is not sent:
+            # it is the round's seeded initialisation, which every owner builds itself.
+            generator_state=(_copy_state(c.generator)
+                             if mode == "generator_and_logits" and not cfg.method.generator_reset else {}),
             student_state=_copy_state(c.student) if mode == "generator_and_logits" else {},
             samples=wire_samples,
         )

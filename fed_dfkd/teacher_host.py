@@ -112,6 +112,10 @@ class TeacherHost:
         if samples.dtype != torch.uint8 or samples.dim() != 4 or tuple(samples.shape[1:]) != expected:
             return refuse("incompatible_manifest", f"samples must be uint8 [N, {expected[0]}, "
                           f"{expected[1]}, {expected[2]}], got {samples.dtype} {tuple(samples.shape)}")
+        if (instruction.mode == "generator_and_logits" and not instruction.generator_state
+                and not self.cfg.method.generator_reset):
+            return refuse("bad_request", "the round sent no generator weights, and this owner "
+                          "does not build a fresh G each round (method.generator_reset: false)")
         if instruction.mode == "generator_and_logits" and instruction.method != self.cfg.method.name:
             return refuse("bad_request", f"client runs method {self.cfg.method.name!r}, "
                           f"server asked for {instruction.method!r}")
@@ -208,11 +212,15 @@ class TeacherHost:
         metrics: dict[str, float] = {}
         norm = 0.0
         if instruction.mode == "generator_and_logits":
-            self.generator.load_state_dict(instruction.generator_state, strict=False)
-            self.student.load_state_dict(instruction.student_state)
             if self.cfg.method.generator_reset:
-                # The server sent a freshly initialised G: Adam's moments of the last one go.
+                # The round's fresh G is its seeded initialisation (the server sends none), and
+                # Adam's moments of the last one go.
+                fresh = build_pseudo_generator(self.cfg, self.info, reset_round=instruction.round)
+                self.generator.load_state_dict(fresh.state_dict())
                 self.generator_optimizer.state.clear()
+            else:
+                self.generator.load_state_dict(instruction.generator_state, strict=False)
+            self.student.load_state_dict(instruction.student_state)
             before = float_state(self.generator)
             report = self.synthesizer.step(
                 teacher=self.teacher, student=self.student, generator=self.generator,

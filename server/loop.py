@@ -579,8 +579,12 @@ class ServerLoop:
 
     def _float32_baseline_down(self, instruction: RoundInstruction, samples: torch.Tensor) -> int:
         """Bytes of this round's instruction with float32 G, S and float32 pixels."""
+        # The plain exchange sends G even where the owners can build it (a reset G).
+        generator = dict(instruction.generator_state)
+        if instruction.mode == "generator_and_logits" and not generator:
+            generator = {k: v.detach().clone() for k, v in self.server.coordinator.generator.state_dict().items()}
         plain = dataclasses.replace(
-            instruction, sample_transport="pixels", sample_batches=0,
+            instruction, sample_transport="pixels", sample_batches=0, generator_state=generator,
             samples=torch.zeros(0, dtype=torch.uint8))
         content = instruction_to_recorddict(plain, state_dtype="float32")
         images = as_float_images(samples.flatten(0, 1)).float()

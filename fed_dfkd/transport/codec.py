@@ -397,11 +397,13 @@ def manifest_from_recorddict(content: RecordDict) -> TeacherManifestData | None:
 def instruction_to_recorddict(
     instruction: RoundInstruction, *, state_dtype: str | None = None
 ) -> RecordDict:
-    """The round message content. Empty state dicts (``logits_only``) send no record;
-    ``state_dtype`` casts G's and S's floating weights (None keeps their dtype)."""
+    """The round message content. Empty state dicts (``logits_only``) send no record, except
+    G's in ``generator_and_logits``, which then travels empty (``method.generator_reset``: the
+    owners build the round's G themselves); ``state_dtype`` casts G's and S's floating weights
+    (None keeps their dtype)."""
     cast = TORCH_DTYPES[state_dtype] if state_dtype is not None else None
     content = RecordDict()
-    if instruction.generator_state:
+    if instruction.generator_state or instruction.mode == "generator_and_logits":
         content[keys.GENERATOR_RECORD] = _tensors_to_record(instruction.generator_state, dtype=cast)
     if instruction.student_state:
         content[keys.STUDENT_RECORD] = _tensors_to_record(instruction.student_state, dtype=cast)

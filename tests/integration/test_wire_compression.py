@@ -81,3 +81,21 @@ def test_the_float32_baseline_is_measured_on_serialised_messages_in_the_same_run
     assert report["bytes_reduction_vs_float32"] == pytest.approx(per_client / actual, rel=1e-9)
     assert report["bytes_reduction_vs_float32"] > 1.5  # tiny rounds; bench/ has the real ones
     assert all("baseline_bytes" in m for m in read_metrics(tmp_path / "both"))
+
+
+def test_a_reset_generator_is_built_by_the_owners_not_sent_and_the_baseline_still_counts_it(tmp_path, teachers):
+    pool = ["method.generator_reset=true", "method.generator_latents=round", "distill.pseudo_batches=1",
+            "distill.replay_rounds=100", "distill.replay_sampling=samples",
+            "federation.measure_float32_baseline=true"]
+    report = simulate(tmp_path / "reset", teachers, *pool)
+    assert report["status"] == "completed" and report["rejected_replies"] == 0
+    cfg = load_config(QUICKSTART, [*FAST, *pool])
+    info = dataset_info("digits")
+    floats = lambda m: sum(v.numel() for v in m.state_dict().values() if v.is_floating_point())
+    g, s = floats(build_pseudo_generator(cfg, info)), floats(build_student(cfg, info))
+    n = 32  # one batch per round
+    # Down: S (float32) and the uint8 pixels; G's weights are not on the wire.
+    down = report["bytes_down"] / (2 * 3)
+    assert 4 * s + n * 64 <= down <= (4 * s + n * 64) * 1.1 < 4 * g
+    # The plain exchange it is measured against sends G down and float32 pixels.
+    assert report["float32_baseline_bytes_per_client_round"] >= 4 * (2 * g + s + n * 64 + n * 10)

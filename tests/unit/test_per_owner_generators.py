@@ -3,6 +3,8 @@ draws the next round's samples from every one of them, on the latents each was f
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -166,7 +168,9 @@ def test_the_next_round_draws_exactly_the_batch_each_owner_fitted() -> None:
     server, hosts = FederatedServer(cfg, INFO), _hosts(cfg)
     instruction, samples = server.plan_round()
     assert samples.shape == (1, BATCH, 1, 8, 8)  # round 0: nobody has fitted a G yet
-    sent = dict(instruction.generator_state)
+    # The fresh G does not travel: every owner builds the round's seeded initialisation.
+    assert instruction.generator_state == {}
+    sent = build_pseudo_generator(cfg, INFO, reset_round=0).state_dict()
     updates = _serve(hosts, instruction)
     server.complete_round(samples, updates)
     assert sorted(server.owner_generators) == [0, 2]
@@ -225,7 +229,7 @@ def test_shared_generators_still_average_the_updates() -> None:
     cfg = _config(federation={"generators": "shared"})
     server, hosts = FederatedServer(cfg, INFO), _hosts(cfg)
     instruction, samples = server.plan_round()
-    sent = dict(instruction.generator_state)
+    sent = build_pseudo_generator(cfg, INFO, reset_round=0).state_dict()
     updates = _serve(hosts, instruction)
     server.complete_round(samples, updates)
     assert server.owner_generators == {}
@@ -234,3 +238,12 @@ def test_shared_generators_still_average_the_updates() -> None:
     mean = sum(s * u.generator_delta[name] for s, u in zip(sizes, updates)) / sum(sizes)
     torch.testing.assert_close(server.coordinator.generator.state_dict()[name], sent[name] + mean)
     assert server.plan_round()[1].shape == (1, BATCH, 1, 8, 8)
+
+
+def test_an_owner_that_keeps_its_generator_refuses_a_round_without_one() -> None:
+    cfg = _config(federation={"generators": "shared"}, method={"generator_reset": False})
+    instruction, _ = FederatedServer(cfg, INFO).plan_round()
+    assert instruction.generator_state
+    refusal = _hosts(cfg)[0].serve(dataclasses.replace(instruction, generator_state={}))
+    assert isinstance(refusal, RefusalData) and refusal.reason == "bad_request"
+    assert "no generator weights" in refusal.message

@@ -319,6 +319,13 @@ def test_logits_only_instruction_sends_neither_generator_nor_student():
     assert decoded.generator_state == {} and decoded.student_state == {}
 
 
+def test_a_generator_the_owners_build_themselves_travels_as_an_empty_record():
+    content = instruction_to_recorddict(dataclasses.replace(_instruction(), generator_state={}))
+    assert "generator" in content and len(content["generator"]) == 0
+    decoded = instruction_from_recorddict(content)
+    assert decoded.generator_state == {} and decoded.student_state
+
+
 def test_generator_and_logits_instruction_without_generator_is_rejected():
     content = instruction_to_recorddict(_instruction())
     del content["generator"]
