@@ -9,8 +9,8 @@ sampling, filtering) from the synthesis, in minutes instead of a whole federatio
         --temperature 1 --steps 2400
 
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
-asked for (``federation.generators: per_owner`` with ``owner_labels: own``; recomputed from each
-owner's manifest). ``--select balanced`` draws the student's batches with weights inversely
+asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
+the classes are recomputed from each owner's manifest). ``--select balanced`` draws the student's batches with weights inversely
 proportional to the count of their ensemble label. One line per 10 rounds: the test accuracy.
 """
 
@@ -46,7 +46,12 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
             if select == "agree":
                 if round_index == 0 or teachers is None:
                     continue  # round 0 is the untrained G's batch; nobody was asked for a class
-                owner = owners[row] if len(owners) == batch_images.shape[0] else row
+                if len(owners) != batch_images.shape[0]:
+                    raise SystemExit(f"--select agree: round {round_index + 1}'s pool entry has "
+                                     f"{batch_images.shape[0]} batches, not one per kept owner "
+                                     f"({len(owners)}); it needs a per-owner run in which every "
+                                     "owner replied every round")
+                owner = owners[row]
                 if owner not in manifests:
                     manifests[owner] = load_teacher(teachers / f"client_{owner}.pt")[1]
                 manifest = manifests[owner]
