@@ -10,8 +10,8 @@ sampling, filtering) from the synthesis, in minutes instead of a whole federatio
 
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
-the classes are recomputed from each owner's manifest). ``--select balanced`` draws the student's batches with weights inversely
-proportional to the count of their ensemble label. One line per 10 rounds: the test accuracy.
+the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
+student's batches with weights inversely proportional to the count of their ensemble label. One line per 10 rounds: the test accuracy.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main() -> None:
     batch, per_round = cfg.distill.batch_size, cfg.distill.student_steps
     rounds = max(1, args.steps // per_round)
     rng = torch.Generator().manual_seed(args.seed + 1)
-    test = as_float_images(splits.test_images) if splits.test_images.dtype == torch.uint8 else splits.test_images
+    test = splits.test_images
+    test = as_float_images(test) if test.dtype == torch.uint8 else test
     for r in range(rounds):
         if args.select == "balanced":
             index = torch.multinomial(weights, per_round * batch, replacement=True, generator=rng)

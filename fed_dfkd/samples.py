@@ -43,7 +43,8 @@ def assigned_labels(
         labels = torch.arange(batch_size) % num_classes
     else:
         if len(counts) != num_classes or bool((counts < 0).any()):
-            raise ValueError(f"class_counts must be {num_classes} non-negative counts, got {list(class_counts or [])}")
+            raise ValueError(f"class_counts must be {num_classes} non-negative counts, "
+                             f"got {list(class_counts or [])}")
         quota = counts / counts.sum() * batch_size
         shares = quota.floor().long()
         remainder = quota - shares

@@ -83,7 +83,8 @@ def test_the_float32_baseline_is_measured_on_serialised_messages_in_the_same_run
     assert all("baseline_bytes" in m for m in read_metrics(tmp_path / "both"))
 
 
-def test_a_reset_generator_is_built_by_the_owners_not_sent_and_the_baseline_still_counts_it(tmp_path, teachers):
+def test_a_reset_generator_is_built_by_the_owners_not_sent_and_the_baseline_still_counts_it(
+        tmp_path, teachers):
     pool = ["method.generator_reset=true", "method.generator_latents=round", "distill.pseudo_batches=1",
             "distill.replay_rounds=100", "distill.replay_sampling=samples",
             "federation.measure_float32_baseline=true"]

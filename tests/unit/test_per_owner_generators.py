@@ -145,7 +145,8 @@ def test_each_owner_fits_its_own_batch_to_its_own_classes(monkeypatch) -> None:
     host = _hosts(cfg)[2]
     seen = []
     original = host.synthesizer.step
-    monkeypatch.setattr(host.synthesizer, "step", lambda **kw: (seen.append(kw["latents"]), original(**kw))[1])
+    monkeypatch.setattr(host.synthesizer, "step",
+                        lambda **kw: (seen.append(kw["latents"]), original(**kw))[1])
     instruction, _ = FederatedServer(cfg, INFO).plan_round()
     host.serve(instruction)
     z, y = seen[0]
@@ -157,7 +158,8 @@ def test_each_owner_fits_its_own_batch_to_its_own_classes(monkeypatch) -> None:
     host = _hosts(cfg)[2]
     seen.clear()
     original = host.synthesizer.step
-    monkeypatch.setattr(host.synthesizer, "step", lambda **kw: (seen.append(kw["latents"]), original(**kw))[1])
+    monkeypatch.setattr(host.synthesizer, "step",
+                        lambda **kw: (seen.append(kw["latents"]), original(**kw))[1])
     host.serve(FederatedServer(cfg, INFO).plan_round()[0])
     assert torch.equal(seen[0][0], expected[0])
     assert torch.bincount(seen[0][1], minlength=10).tolist() == [1] * 10
