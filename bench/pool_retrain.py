@@ -24,6 +24,7 @@ import torch
 
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
+from fed_dfkd.data import dataset_info
 from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import load_teacher
 from fed_dfkd.distill import StudentTrainer
@@ -38,7 +39,7 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
     coordinator = state["server"]["coordinator"] if "server" in state else state["engine"]["coordinator"]
     images, targets = [], []
     owners = sorted(state["server"].get("owner_generators", {})) if "server" in state else []
-    generator = build_pseudo_generator(cfg, load_experiment_data(cfg).info)
+    generator = build_pseudo_generator(cfg, dataset_info(cfg.data.dataset))
     manifests = {}
     for round_index, (batch_images, batch_targets) in enumerate(coordinator["replay"]["entries"]):
         for row in range(batch_images.shape[0]):

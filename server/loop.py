@@ -582,8 +582,7 @@ class ServerLoop:
         # The plain exchange sends G even where the owners can build it (a reset G).
         generator = dict(instruction.generator_state)
         if instruction.mode == "generator_and_logits" and not generator:
-            live = self.server.coordinator.generator.state_dict()
-            generator = {k: v.detach().clone() for k, v in live.items()}
+            generator = self.server.coordinator.generator.state_dict()
         plain = dataclasses.replace(
             instruction, sample_transport="pixels", sample_batches=0, generator_state=generator,
             samples=torch.zeros(0, dtype=torch.uint8))
