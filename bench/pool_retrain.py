@@ -11,7 +11,11 @@ sampling, filtering) from the synthesis, in minutes instead of a whole federatio
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
 the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
-student's batches with weights inversely proportional to the count of their ensemble label. One line per 10 rounds: the test accuracy.
+student's batches with weights inversely proportional to the count of their ensemble label. One line per 10 chunks of
+``student_steps``: the test accuracy. With the run's settings (no ``--temperature``, ``--select all``) and the
+checkpoint of a run with ``distill.final_fit_steps``, it redoes that run's final fit on the same pool: the same
+initialisation and the same draws, so the last line is the run's final student accuracy (the pool then already
+holds the last round).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data import dataset_info
 from fed_dfkd.data.datasets import load_experiment_data
-from fed_dfkd.data.teachers import load_teacher
-from fed_dfkd.distill import StudentTrainer
-from fed_dfkd.samples import as_float_images, round_latents
+from fed_dfkd.data.teachers import load_teacher, predict_logits
+from fed_dfkd.augment import augment_batches
+from fed_dfkd.distill import StudentTrainer, fit_student
+from fed_dfkd.metrics import accuracy
+from fed_dfkd.samples import round_latents
+from fed_dfkd.seeding import make_rng
 from fed_dfkd.synthesis import Progress
 
 
@@ -71,44 +78,45 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--teachers", type=Path, help="the owners' teachers (for --select agree)")
     parser.add_argument("--select", choices=("all", "agree", "balanced"), default="all")
-    parser.add_argument("--steps", type=int, default=2400, help="student steps in all")
+    parser.add_argument("--steps", type=int, help="student steps in all (default: the run's "
+                        "distill.final_fit_steps, else 2400)")
     parser.add_argument("--temperature", type=float, help="KD temperature (default: the run's)")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     cfg = load_config(args.run / "config.resolved.yaml")
     if args.temperature is not None:
         cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, temperature=args.temperature))
+    d = cfg.distill
+    steps = args.steps or d.final_fit_steps or 2400
     splits = load_experiment_data(cfg)
     images, targets = pool(args.run, args.teachers, args.select)
     labels = targets.argmax(1)
     print(f"pool {len(images)} samples, ensemble labels per class "
           f"{torch.bincount(labels, minlength=splits.info.num_classes).tolist()}", flush=True)
-    weights = (1.0 / torch.bincount(labels, minlength=splits.info.num_classes).clamp(min=1).float())[labels]
+    weights = None
+    if args.select == "balanced":
+        weights = (1.0 / torch.bincount(labels, minlength=splits.info.num_classes).clamp(min=1).float())[labels]
 
-    torch.manual_seed(args.seed)
     student = build_student(cfg, splits.info)
-    trainer = StudentTrainer(student, cfg.distill, cfg.curriculum, cfg.method)
-    batch, per_round = cfg.distill.batch_size, cfg.distill.student_steps
-    rounds = max(1, args.steps // per_round)
-    rng = torch.Generator().manual_seed(args.seed + 1)
+    trainer = StudentTrainer(student, d, cfg.curriculum, cfg.method)
     test = splits.test_images
-    test = as_float_images(test) if test.dtype == torch.uint8 else test
-    for r in range(rounds):
-        if args.select == "balanced":
-            index = torch.multinomial(weights, per_round * batch, replacement=True, generator=rng)
-            index = index.view(per_round, batch)
-        else:
-            index = torch.randint(len(images), (per_round, batch), generator=rng)
-        student.train()
-        trainer.train_round(as_float_images(images[index]), targets[index], Progress.of_round(r, rounds))
-        if (r + 1) % 10 == 0 or r + 1 == rounds:
-            student.eval()
-            with torch.no_grad():
-                accuracy = float((student(test).argmax(1) == splits.test_labels).float().mean())
-            print(f"round {r + 1}/{rounds} ({(r + 1) * per_round} steps): test accuracy {accuracy:.4f}",
-                  flush=True)
+    augment = make_rng(cfg.runtime.seed, "final-fit-augment")
+
+    def transform(batches: torch.Tensor, _: int) -> torch.Tensor:
+        return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
+
+    def report(chunk: int, chunks: int) -> None:
+        if (chunk + 1) % 10 == 0 or chunk + 1 == chunks:
+            score = accuracy(predict_logits(trainer.evaluated, test, batch_size=cfg.data.eval_batch_size),
+                             splits.test_labels)
+            print(f"chunk {chunk + 1}/{chunks} ({min(steps, (chunk + 1) * d.student_steps)} steps): "
+                  f"test accuracy {score:.4f}", flush=True)
+
+    # The same draws as the run's own final fit (Coordinator.final_fit) on the same pool.
+    fit_student(trainer, images, targets, steps=steps, chunk=d.student_steps, batch_size=d.batch_size,
+                rng=make_rng(cfg.runtime.seed, "final-fit"), weights=weights,
+                transform=transform if d.augment_shift or d.augment_flip else None, after_chunk=report)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,9 @@ class DistillConfig:
     # (0: off). When on, the average is the student that is evaluated, reported and audited;
     # the owners' adversarial term still sees the trained student.
     student_ema: float = 0.0
+    # After the last round's steps, replace the student by a fresh one trained this many steps
+    # on every sample of the replay buffer (0: off).
+    final_fit_steps: int = 0
     eval_every: int = 1
 
 
@@ -672,6 +675,7 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
     _require(di.temperature > 0, "distill.temperature", "must be > 0")
     _require(0.0 <= di.student_ema < 1.0, "distill.student_ema", "must be in [0, 1) (0: off)")
+    _require(di.final_fit_steps >= 0, "distill.final_fit_steps", "must be >= 0 (0: off)")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
 
     _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")

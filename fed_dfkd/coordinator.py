@@ -16,7 +16,7 @@ from torch import Tensor
 from fed_dfkd.augment import augment_batches
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.data import DatasetInfo
-from fed_dfkd.distill import ReplayBuffer, StudentTrainer
+from fed_dfkd.distill import ReplayBuffer, StudentTrainer, fit_student
 from fed_dfkd.models import Generator, build_classifier, build_generator
 from fed_dfkd.models.normalized import NormalizedClassifier
 from fed_dfkd.samples import as_float_images, draw_pseudo_batches, round_latents
@@ -136,8 +136,37 @@ class Coordinator:
                 images, shift=d.augment_shift, flip=d.augment_flip,
                 generator=make_rng(self.cfg.runtime.seed, "student-augment", self.round),
             )
-        return self.trainer.train_round(as_float_images(images).to(self.device), labels.to(self.device),
-                                        self.progress)
+        report = self.trainer.train_round(as_float_images(images).to(self.device),
+                                          labels.to(self.device), self.progress)
+        if d.final_fit_steps and self.round + 1 == self.total_rounds:
+            report.update(self.final_fit())
+        return report
+
+    def final_fit(self) -> dict[str, float]:
+        """``distill.final_fit_steps``: the student is replaced by a fresh one trained on every
+        sample of the replay buffer (the whole pool with a large ``replay_rounds``).
+
+        The fresh student starts from the run's seeded initialisation, with its own optimizer
+        and a cosine (and self-paced pace) over the fit's steps, in chunks of ``student_steps``.
+        It runs inside the last round, before that round's checkpoint, so an interrupted fit is
+        redone with its round. ``bench/pool_retrain.py`` reproduces it from the checkpoint.
+        """
+        d, seed = self.cfg.distill, self.cfg.runtime.seed
+        fresh = build_student(self.cfg, self.info).to(self.device)
+        trainer = StudentTrainer(fresh, d, self.cfg.curriculum, self.cfg.method)
+        images, targets = self.replay.samples()
+        augment = make_rng(seed, "final-fit-augment")
+
+        def transform(batches: Tensor, _: int) -> Tensor:
+            return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
+
+        report = fit_student(
+            trainer, images, targets, steps=d.final_fit_steps, chunk=d.student_steps,
+            batch_size=d.batch_size, rng=make_rng(seed, "final-fit"),
+            transform=transform if d.augment_shift or d.augment_flip else None)
+        self.student.load_state_dict(fresh.state_dict())
+        self.trainer.load_state_dict(trainer.state_dict())
+        return {"final_fit_samples": float(len(images)), "final_fit_kd_loss": report["kd_loss"]}
 
     def end_round(self) -> None:
         self.round += 1
@@ -176,6 +205,7 @@ def round_metrics(
         "admitted_fraction": student["admitted_fraction"], "pace": student["pace"],
         "lr": student["lr"], "seconds": seconds,
     })
+    metrics.update({k: v for k, v in student.items() if k.startswith("final_fit_")})
     return metrics
 
 

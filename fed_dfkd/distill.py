@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from fed_dfkd.config import CurriculumConfig, DistillConfig, MethodConfig
 from fed_dfkd.curriculum import SelfPacedWeighting, schedules
 from fed_dfkd.losses import kd_per_sample, relation_infonce_per_sample
 from fed_dfkd.models import Classifier
+from fed_dfkd.samples import as_float_images
 from fed_dfkd.synthesis import Progress
 
 
@@ -66,6 +67,11 @@ class ReplayBuffer:
         targets = torch.cat([e[1] for e in self._entries])
         return images, targets
 
+    def samples(self) -> tuple[Tensor, Tensor]:
+        """Every stored sample: images ``[N, C, H, W]`` and targets ``[N, classes]``."""
+        images, targets = self.batches()
+        return images.flatten(0, 1), targets.flatten(0, 1)
+
     def schedule(self, steps: int, *, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         """The ``steps`` (images, targets) batches to train on this round.
 
@@ -78,9 +84,8 @@ class ReplayBuffer:
         if self.rounds == 0 and len(images) == steps:
             return images, targets
         if self.sampling == "samples":
-            batch = images.shape[1]
-            flat_images, flat_targets = images.flatten(0, 1), targets.flatten(0, 1)
-            index = torch.randint(len(flat_images), (steps, batch), generator=rng)
+            flat_images, flat_targets = self.samples()
+            index = torch.randint(len(flat_images), (steps, images.shape[1]), generator=rng)
             return flat_images[index], flat_targets[index]
         index = torch.randint(len(images), (steps,), generator=rng)
         return images[index], targets[index]
@@ -92,6 +97,51 @@ class ReplayBuffer:
         if int(state["rounds"]) != self.rounds:
             raise ValueError(f"replay buffer holds {state['rounds']} rounds, expected {self.rounds}")
         self._entries = [(i.clone(), t.clone()) for i, t in state["entries"]]
+
+
+def fit_student(
+    trainer: "StudentTrainer",
+    images: Tensor,
+    targets: Tensor,
+    *,
+    steps: int,
+    chunk: int,
+    batch_size: int,
+    rng: torch.Generator,
+    weights: Tensor | None = None,
+    transform: Callable[[Tensor, int], Tensor] | None = None,
+    after_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Train ``trainer``'s student for ``steps`` steps on a fixed labelled pool.
+
+    ``images`` ``[N, C, H, W]`` (uint8 or float in [0, 1]) and ``targets`` ``[N, classes]``;
+    each batch is ``batch_size`` samples drawn uniformly with replacement (or in proportion to
+    ``weights``) with ``rng``. The steps go in chunks of ``chunk``, and chunk i of n runs at
+    progress i/n, so the cosine learning rate and the self-paced pace span the fit as they span
+    a run's rounds. ``transform(batches, i)`` (augmentation) sees each chunk's batches
+    ``[chunk, B, C, H, W]`` before training; ``after_chunk(i, n)`` runs after chunk i.
+    Returns the last chunk's mean report.
+    """
+    if steps < 1 or chunk < 1:
+        raise ValueError(f"steps and chunk must be >= 1, got {steps} and {chunk}")
+    chunks = -(-steps // chunk)
+    report: dict[str, float] = {}
+    for i in range(chunks):
+        size = min(chunk, steps - i * chunk)
+        if weights is None:
+            index = torch.randint(len(images), (size, batch_size), generator=rng)
+        else:
+            index = torch.multinomial(weights, size * batch_size, replacement=True, generator=rng)
+            index = index.view(size, batch_size)
+        batches = images[index]
+        if transform is not None:
+            batches = transform(batches, i)
+        device = next(trainer.student.parameters()).device
+        report = trainer.train_round(as_float_images(batches).to(device), targets[index].to(device),
+                                     Progress.of_round(i, chunks))
+        if after_chunk is not None:
+            after_chunk(i, chunks)
+    return report
 
 
 def build_student_optimizer(student: Classifier, distill: DistillConfig) -> torch.optim.Optimizer:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +27,7 @@ import server.loop as loop
 from fed_dfkd.cli.main import main
 from fed_dfkd.protocol import ClientUpdate
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
-from runhelpers import PNG_MAGIC, QUICKSTART, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, stop_before_round, tiny
+from runhelpers import PNG_MAGIC, QUICKSTART, REPO, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, stop_before_round, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -187,12 +189,15 @@ def test_a_server_stopped_after_round_two_and_resumed_equals_an_uninterrupted_ru
 
 PER_OWNER = FAST + ["federation.generators=per_owner", "method.generator_reset=true",
                     "method.generator_latents=round", "distill.pseudo_batches=1",
-                    "distill.replay_rounds=100", "distill.replay_sampling=samples"]
+                    "distill.replay_rounds=100", "distill.replay_sampling=samples",
+                    "distill.final_fit_steps=5"]
 
 
 def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
     """Each round after the first draws one batch per owner that replied to the last one, and the
-    kept generators are part of the checkpoint: an interrupted run resumes to the same state."""
+    kept generators are part of the checkpoint: an interrupted run resumes to the same state.
+    The last round's final fit on the pool is part of that round (resumed too), and
+    bench/pool_retrain.py redoes it from the checkpoint to the reported accuracy."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert simulate(whole, teachers=teachers, overrides=PER_OWNER) == 0
     state = load_checkpoint(whole)["server"]
@@ -209,6 +214,15 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     resumed = load_checkpoint(cut)["server"]
     resumed.pop("run_key"), state.pop("run_key")
     assert_same_state(resumed, state, "server")
+    last = read_metrics(whole)[-1]
+    assert last["final_fit_samples"] == 7 * 32 and "final_fit_samples" not in read_metrics(whole)[-2]
+
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = done.stdout.strip().splitlines()[-1]
+    assert final.startswith("chunk 3/3 (5 steps)")
+    assert float(final.rsplit(" ", 1)[1]) == pytest.approx(read_report(whole)["student_accuracy"], abs=5e-5)
 
 
 # --------------------------------------------------------------------------------------------
