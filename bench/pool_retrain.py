@@ -8,6 +8,7 @@ sampling, filtering) from the synthesis, in minutes instead of a whole federatio
     python bench/pool_retrain.py --run runs/fed_po/a03_own --teachers runs/fmnist_probe/fed_a03/teachers \
         --temperature 1 --steps 2400
 
+``--set distill.KEY=VALUE`` changes any other student setting (learning rate, batch size, ...).
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
 the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
@@ -26,17 +27,17 @@ from pathlib import Path
 
 import torch
 
+from fed_dfkd.augment import augment_batches
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data import dataset_info
 from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import load_teacher, predict_logits
-from fed_dfkd.augment import augment_batches
 from fed_dfkd.distill import StudentTrainer, fit_student
+from fed_dfkd.errors import UserError
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.samples import round_latents
 from fed_dfkd.seeding import make_rng
-from fed_dfkd.synthesis import Progress
 
 
 def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,10 +82,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="student steps in all (default: the run's "
                         "distill.final_fit_steps, else 2400)")
     parser.add_argument("--temperature", type=float, help="KD temperature (default: the run's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a student setting of the run's config (distill.lr=0.005, ...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    cfg = load_config(args.run / "config.resolved.yaml")
+    try:
+        cfg = load_config(args.run / "config.resolved.yaml", args.overrides)
+    except UserError as error:
+        raise SystemExit(f"pool_retrain.py: {error}") from None
+    if not (args.run / "checkpoints" / "last.pt").is_file():
+        raise SystemExit(f"pool_retrain.py: {args.run} has no checkpoints/last.pt")
     if args.temperature is not None:
         cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, temperature=args.temperature))
     d = cfg.distill
