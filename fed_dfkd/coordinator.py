@@ -8,6 +8,7 @@ the labelled batches. Every random stream is derived from the config seed and th
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -65,6 +66,8 @@ class Coordinator:
         self.replay = ReplayBuffer(cfg.distill.replay_rounds, sampling=cfg.distill.replay_sampling)
         self.round = 0
         self.total_rounds = cfg.federation.rounds
+        # The student the final fit replaced, until the round's evaluation takes it.
+        self.pre_fit_student: NormalizedClassifier | None = None
 
     @property
     def finished(self) -> bool:
@@ -164,6 +167,7 @@ class Coordinator:
             trainer, images, targets, steps=d.final_fit_steps, chunk=d.student_steps,
             batch_size=d.batch_size, rng=make_rng(seed, "final-fit"),
             transform=transform if d.augment_shift or d.augment_flip else None)
+        self.pre_fit_student = copy.deepcopy(self.evaluated_student)
         self.student.load_state_dict(fresh.state_dict())
         self.trainer.load_state_dict(trainer.state_dict())
         return {"final_fit_samples": float(len(images)), "final_fit_kd_loss": report["kd_loss"]}

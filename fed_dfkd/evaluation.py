@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -43,3 +43,18 @@ class Evaluator:
             "agreement": agreement(logits, self.ensemble_logits),
             "probability_loyalty": probability_loyalty(logits, self.ensemble_logits),
         }
+
+
+class ScoresStudents(Protocol):
+    def evaluate(self, student: Classifier) -> dict[str, float]: ...
+
+
+def evaluate_round(evaluator: ScoresStudents, coordinator: Any) -> dict[str, float]:
+    """The round's evaluation of ``coordinator``'s student; after a final fit
+    (``distill.final_fit_steps``) also ``student_accuracy_before_fit``, the accuracy of the
+    student the fit replaced, so one run shows what the fit did."""
+    metrics = evaluator.evaluate(coordinator.evaluated_student)
+    before, coordinator.pre_fit_student = coordinator.pre_fit_student, None
+    if before is not None:
+        metrics["student_accuracy_before_fit"] = evaluator.evaluate(before)["student_accuracy"]
+    return metrics

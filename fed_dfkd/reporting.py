@@ -20,7 +20,7 @@ from fed_dfkd.config import ExperimentConfig, config_hash
 HISTORY_KEYS = (
     "step", "round", "student_accuracy", "agreement", "probability_loyalty", "generator_loss",
     "student_loss", "kd_loss", "mean_weight", "admitted_fraction", "pace", "seconds",
-    "replies", "bytes", "epsilon",
+    "replies", "bytes", "epsilon", "student_accuracy_before_fit",
 )
 
 
@@ -55,6 +55,8 @@ def build_report(
         "wall_seconds": wall_seconds,
         "student_accuracy": student_accuracy,
         "best_student_accuracy": max(accuracies) if accuracies else None,
+        # The online student's accuracy when distill.final_fit_steps replaced it, else None.
+        "student_accuracy_before_fit": last_evaluated(history, "student_accuracy_before_fit"),
         "teacher_accuracies": list(teacher_accuracies),
         "ensemble_accuracy": ensemble_accuracy,
         "best_teacher_accuracy": best_teacher,

@@ -66,7 +66,7 @@ from flwr.serverapp import Grid
 from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig, dump_config, load_config
 from fed_dfkd.errors import UserError
-from fed_dfkd.evaluation import Evaluator, predict_logits
+from fed_dfkd.evaluation import Evaluator, evaluate_round, predict_logits
 from fed_dfkd.federated import FederatedServer, teacher_weights
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.privacy.client_level import sampled_per_round
@@ -733,7 +733,7 @@ class ServerLoop:
                     break
                 r = metrics["round"]
                 if r % cfg.distill.eval_every == 0 or r == total:
-                    metrics.update(evaluator.evaluate(self.server.coordinator.evaluated_student))
+                    metrics.update(evaluate_round(evaluator, self.server.coordinator))
                 metrics["step"] = r
                 metrics["wall_seconds"] = self.wall_offset + time.perf_counter() - self.started
                 self.history.append(metrics)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from fed_dfkd.data import load_experiment_data
     from fed_dfkd.data.teachers import load_teachers, pretrain_teachers
     from fed_dfkd.errors import UserError
-    from fed_dfkd.evaluation import Evaluator
+    from fed_dfkd.evaluation import Evaluator, evaluate_round
     from fed_dfkd.progress import RoundProgress
     from fed_dfkd.reporting import build_report, record_level_privacy, write_plots
     from fed_dfkd.runs import RunDirectory
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = engine.run_round()
             r = metrics["round"]
             if r % cfg.distill.eval_every == 0 or r == total:
-                metrics.update(evaluator.evaluate(engine.coordinator.evaluated_student))
+                metrics.update(evaluate_round(evaluator, engine.coordinator))
             metrics["step"] = r
             metrics["wall_seconds"] = wall_offset + time.perf_counter() - started
             if privacy["epsilon"] is not None:

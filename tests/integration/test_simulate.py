@@ -222,7 +222,9 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     final = done.stdout.strip().splitlines()[-1]
     assert final.startswith("chunk 3/3 (5 steps)")
-    assert float(final.rsplit(" ", 1)[1]) == pytest.approx(read_report(whole)["student_accuracy"], abs=5e-5)
+    report = read_report(whole)
+    assert float(final.rsplit(" ", 1)[1]) == pytest.approx(report["student_accuracy"], abs=5e-5)
+    assert report["student_accuracy_before_fit"] == last["student_accuracy_before_fit"]  # the online one
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fed_dfkd.config import ConfigError, config_from_dict
 from fed_dfkd.coordinator import Coordinator, build_student
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, fit_student
+from fed_dfkd.evaluation import evaluate_round
 from fed_dfkd.synthesis import Progress
 
 INFO = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.25,), tuple(str(i) for i in range(10)))
@@ -157,3 +158,27 @@ def test_the_fitted_student_replaces_the_evaluated_average_too() -> None:
 def test_a_negative_final_fit_is_refused() -> None:
     with pytest.raises(ConfigError, match="distill.final_fit_steps"):
         _config(final_fit_steps=-1)
+
+
+class _Checksum:
+    """An evaluator whose "accuracy" identifies the student it was given."""
+
+    def evaluate(self, student):
+        return {"student_accuracy": float(sum(p.double().sum() for p in student.state_dict().values()))}
+
+
+def test_the_last_round_s_evaluation_also_scores_the_student_the_fit_replaced() -> None:
+    plain, fitted = Coordinator(_config(), INFO), Coordinator(_config(final_fit_steps=4), INFO)
+    evaluator = _Checksum()
+    for r in range(3):
+        for c in (plain, fitted):
+            c.train_student(*_round_data(r))
+            c.end_round()
+        metrics = evaluate_round(evaluator, fitted)
+        assert ("student_accuracy_before_fit" in metrics) == (r == 2)
+    online = evaluator.evaluate(plain.evaluated_student)["student_accuracy"]
+    assert metrics["student_accuracy_before_fit"] == online  # the online student, before the fit
+    assert metrics["student_accuracy"] == evaluator.evaluate(fitted.evaluated_student)["student_accuracy"]
+    assert metrics["student_accuracy"] != online
+    assert fitted.pre_fit_student is None  # taken once, not kept in memory
+    assert "student_accuracy_before_fit" not in evaluate_round(evaluator, fitted)
