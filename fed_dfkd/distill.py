@@ -125,6 +125,7 @@ def fit_student(
     if steps < 1 or chunk < 1:
         raise ValueError(f"steps and chunk must be >= 1, got {steps} and {chunk}")
     chunks = -(-steps // chunk)
+    device = next(trainer.student.parameters()).device
     report: dict[str, float] = {}
     for i in range(chunks):
         size = min(chunk, steps - i * chunk)
@@ -136,7 +137,6 @@ def fit_student(
         batches = images[index]
         if transform is not None:
             batches = transform(batches, i)
-        device = next(trainer.student.parameters()).device
         report = trainer.train_round(as_float_images(batches).to(device), targets[index].to(device),
                                      Progress.of_round(i, chunks))
         if after_chunk is not None:
