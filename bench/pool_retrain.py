@@ -22,22 +22,19 @@ holds the last round).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from fed_dfkd.augment import augment_batches
 from fed_dfkd.config import load_config
-from fed_dfkd.coordinator import build_pseudo_generator, build_student
+from fed_dfkd.coordinator import build_pseudo_generator, fit_fresh_student
 from fed_dfkd.data import dataset_info
 from fed_dfkd.data.datasets import load_experiment_data
 from fed_dfkd.data.teachers import load_teacher, predict_logits
-from fed_dfkd.distill import StudentTrainer, fit_student
+from fed_dfkd.distill import StudentTrainer
 from fed_dfkd.errors import UserError
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.samples import round_latents
-from fed_dfkd.seeding import make_rng
 
 
 def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +83,8 @@ def main() -> None:
                         help="change a student setting of the run's config (distill.lr=0.005, ...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.temperature is not None:
+        args.overrides.append(f"distill.temperature={args.temperature}")
 
     try:
         cfg = load_config(args.run / "config.resolved.yaml", args.overrides)
@@ -93,8 +92,6 @@ def main() -> None:
         raise SystemExit(f"pool_retrain.py: {error}") from None
     if not (args.run / "checkpoints" / "last.pt").is_file():
         raise SystemExit(f"pool_retrain.py: {args.run} has no checkpoints/last.pt")
-    if args.temperature is not None:
-        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, temperature=args.temperature))
     d = cfg.distill
     steps = args.steps or d.final_fit_steps or 2400
     splits = load_experiment_data(cfg)
@@ -106,25 +103,17 @@ def main() -> None:
     if args.select == "balanced":
         weights = (1.0 / torch.bincount(labels, minlength=splits.info.num_classes).clamp(min=1).float())[labels]
 
-    student = build_student(cfg, splits.info)
-    trainer = StudentTrainer(student, d, cfg.curriculum, cfg.method)
     test = splits.test_images
-    augment = make_rng(cfg.runtime.seed, "final-fit-augment")
 
-    def transform(batches: torch.Tensor, _: int) -> torch.Tensor:
-        return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
-
-    def report(chunk: int, chunks: int) -> None:
+    def report(trainer: StudentTrainer, chunk: int, chunks: int) -> None:
         if (chunk + 1) % 10 == 0 or chunk + 1 == chunks:
             score = accuracy(predict_logits(trainer.evaluated, test, batch_size=cfg.data.eval_batch_size),
                              splits.test_labels)
             print(f"chunk {chunk + 1}/{chunks} ({min(steps, (chunk + 1) * d.student_steps)} steps): "
                   f"test accuracy {score:.4f}", flush=True)
 
-    # The same draws as the run's own final fit (Coordinator.final_fit) on the same pool.
-    fit_student(trainer, images, targets, steps=steps, chunk=d.student_steps, batch_size=d.batch_size,
-                rng=make_rng(cfg.runtime.seed, "final-fit"), weights=weights,
-                transform=transform if d.augment_shift or d.augment_flip else None, after_chunk=report)
+    # The run's own final fit (Coordinator.final_fit) on the same pool: the same draws.
+    fit_fresh_student(cfg, splits.info, images, targets, steps=steps, weights=weights, after_chunk=report)
 
 
 if __name__ == "__main__":

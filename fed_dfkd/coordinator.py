@@ -9,7 +9,7 @@ the labelled batches. Every random stream is derived from the config seed and th
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,38 @@ def build_pseudo_generator(
 def float_state(module: torch.nn.Module) -> dict[str, Tensor]:
     """The floating-point entries of a state dict (what a generator update carries)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def fit_fresh_student(
+    cfg: ExperimentConfig,
+    info: DatasetInfo,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    steps: int,
+    device: torch.device | str = "cpu",
+    weights: Tensor | None = None,
+    after_chunk: Callable[[StudentTrainer, int, int], None] | None = None,
+) -> tuple[StudentTrainer, dict[str, float]]:
+    """A fresh student (the run's seeded initialisation, its own optimizer, a cosine and
+    self-paced pace over the fit) trained ``steps`` steps on a fixed pool with
+    :func:`~fed_dfkd.distill.fit_student`, in chunks of ``student_steps``, with the run's
+    augmentation settings and the seeded ``"final-fit"`` streams: the final fit of a run, and
+    what ``bench/pool_retrain.py`` redoes. Returns the trainer (its ``student``) and the last
+    chunk's report."""
+    d, seed = cfg.distill, cfg.runtime.seed
+    trainer = StudentTrainer(build_student(cfg, info).to(device), d, cfg.curriculum, cfg.method)
+    augment = make_rng(seed, "final-fit-augment")
+
+    def transform(batches: Tensor, _: int) -> Tensor:
+        return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
+
+    report = fit_student(
+        trainer, images, targets, steps=steps, chunk=d.student_steps, batch_size=d.batch_size,
+        rng=make_rng(seed, "final-fit"), weights=weights,
+        transform=transform if d.augment_shift or d.augment_flip else None,
+        after_chunk=None if after_chunk is None else lambda i, n: after_chunk(trainer, i, n))
+    return trainer, report
 
 
 class Coordinator:
@@ -146,29 +178,17 @@ class Coordinator:
         return report
 
     def final_fit(self) -> dict[str, float]:
-        """``distill.final_fit_steps``: the student is replaced by a fresh one trained on every
-        sample of the replay buffer (the whole pool with a large ``replay_rounds``).
+        """``distill.final_fit_steps``: the student is replaced by :func:`fit_fresh_student` on
+        every sample of the replay buffer (the whole pool with a large ``replay_rounds``).
 
-        The fresh student starts from the run's seeded initialisation, with its own optimizer
-        and a cosine (and self-paced pace) over the fit's steps, in chunks of ``student_steps``.
         It runs inside the last round, before that round's checkpoint, so an interrupted fit is
         redone with its round. ``bench/pool_retrain.py`` reproduces it from the checkpoint.
         """
-        d, seed = self.cfg.distill, self.cfg.runtime.seed
-        fresh = build_student(self.cfg, self.info).to(self.device)
-        trainer = StudentTrainer(fresh, d, self.cfg.curriculum, self.cfg.method)
         images, targets = self.replay.samples()
-        augment = make_rng(seed, "final-fit-augment")
-
-        def transform(batches: Tensor, _: int) -> Tensor:
-            return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
-
-        report = fit_student(
-            trainer, images, targets, steps=d.final_fit_steps, chunk=d.student_steps,
-            batch_size=d.batch_size, rng=make_rng(seed, "final-fit"),
-            transform=transform if d.augment_shift or d.augment_flip else None)
+        trainer, report = fit_fresh_student(self.cfg, self.info, images, targets,
+                                            steps=self.cfg.distill.final_fit_steps, device=self.device)
         self.pre_fit_student = copy.deepcopy(self.evaluated_student)
-        self.student.load_state_dict(fresh.state_dict())
+        self.student.load_state_dict(trainer.student.state_dict())
         self.trainer.load_state_dict(trainer.state_dict())
         return {"final_fit_samples": float(len(images)), "final_fit_kd_loss": report["kd_loss"]}
 
