@@ -193,6 +193,9 @@ class DistillConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     divergence: Literal["kl", "l1"] = "kl"
     temperature: float = 4.0
+    # The aggregated targets' logits are divided by this before the KD and relation terms
+    # (< 1 sharpens flat ensemble targets; 1: as aggregated).
+    target_temperature: float = 1.0
     ensemble: Literal["mean", "weighted", "class_weighted", "median", "trimmed_mean"] = "mean"
     quantize_samples: bool = True
     # Draw the student's pseudo-batches from G with its BatchNorm running statistics ("running",
@@ -674,6 +677,7 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.momentum >= 0, "distill.momentum", "must be >= 0")
     _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
     _require(di.temperature > 0, "distill.temperature", "must be > 0")
+    _require(di.target_temperature > 0, "distill.target_temperature", "must be > 0")
     _require(0.0 <= di.student_ema < 1.0, "distill.student_ema", "must be in [0, 1) (0: off)")
     _require(di.final_fit_steps >= 0, "distill.final_fit_steps", "must be >= 0 (0: off)")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")

@@ -191,7 +191,10 @@ class StudentTrainer:
         return self.distill.lr
 
     def per_sample_loss(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(ℓ_i, ℓ_KD,i, ℓ_rel,i), each ``[B]``; ℓ_rel is zero without a relation weight."""
+        """(ℓ_i, ℓ_KD,i, ℓ_rel,i), each ``[B]``; ℓ_rel is zero without a relation weight. Both terms
+        see the targets' logits divided by ``distill.target_temperature``."""
+        if self.distill.target_temperature != 1.0:
+            teacher_logits = teacher_logits / self.distill.target_temperature
         kd = kd_per_sample(
             student_logits, teacher_logits,
             divergence=self.distill.divergence, temperature=self.distill.temperature,

@@ -254,6 +254,7 @@ def test_an_unknown_registered_name_lists_the_valid_ones(raw, field_path, listed
         ({"federation": {"sample_rate": 1.5}}, "federation.sample_rate"),
         ({"distill": {"batch_size": 1}}, "distill.batch_size"),
         ({"distill": {"temperature": 0}}, "distill.temperature"),
+        ({"distill": {"target_temperature": 0}}, "distill.target_temperature"),
         ({"distill": {"student_ema": 1.0}}, "distill.student_ema"),
         ({"distill": {"student_ema": -0.1}}, "distill.student_ema"),
         ({"distill": {"student_ema": float("nan")}}, "distill.student_ema"),

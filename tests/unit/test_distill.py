@@ -133,6 +133,33 @@ def test_the_relation_term_matches_a_manual_infonce():
     assert report.loss == pytest.approx(report.kd_loss + 0.25 * float(manual.mean()), rel=1e-5)
 
 
+def test_the_target_temperature_sharpens_the_targets_in_closed_form():
+    # τ_t = 0.5 at τ = 2: row 0's target is softmax((2·ln 2, 0, 0)) = (2/3, 1/6, 1/6), row 1 stays
+    # uniform; against a zero student KL_0 = τ²·(Σ p log p + log 3).
+    sharp = 4 * (2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 6) + math.log(3.0))
+    report = trainer_for(zero_student(), target_temperature=0.5).step(HAND_IMAGES, HAND_TEACHER, Progress(0.0))
+    assert report.kd_loss == pytest.approx(sharp / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("relation_weight", [0.0, 0.3])
+def test_the_target_temperature_is_the_same_as_dividing_the_targets(relation_weight):
+    images, teacher = batch(4)
+    divided, scaled = random_student(5), random_student(5)
+    by_config = trainer_for(scaled, relation_weight=relation_weight, target_temperature=0.25)
+    by_hand = trainer_for(divided, relation_weight=relation_weight)
+    for _ in range(3):
+        assert same_report(by_config.step(images, teacher, Progress(0.2)),
+                           by_hand.step(images, teacher / 0.25, Progress(0.2)))
+    for a, b in zip(scaled.parameters(), divided.parameters()):
+        assert torch.equal(a, b)
+    # The default leaves the targets alone: a different student from the same start.
+    plain = random_student(5)
+    unscaled = trainer_for(plain, relation_weight=relation_weight)
+    for _ in range(3):
+        unscaled.step(images, teacher, Progress(0.2))
+    assert not torch.equal(plain.fc.weight, scaled.fc.weight)
+
+
 def kd_by_hand(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     p_teacher = torch.softmax(teacher_logits / temperature, dim=1)
     log_ratio = torch.log_softmax(teacher_logits / temperature, dim=1) - torch.log_softmax(
