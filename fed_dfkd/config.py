@@ -208,6 +208,8 @@ class DistillConfig:
     # After the last round's steps, replace the student by a fresh one trained this many steps
     # on every sample of the replay buffer (0: off).
     final_fit_steps: int = 0
+    # target_temperature of the final fit alone (null: distill.target_temperature).
+    final_fit_target_temperature: float | None = None
     eval_every: int = 1
 
 
@@ -680,6 +682,8 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.target_temperature > 0, "distill.target_temperature", "must be > 0")
     _require(0.0 <= di.student_ema < 1.0, "distill.student_ema", "must be in [0, 1) (0: off)")
     _require(di.final_fit_steps >= 0, "distill.final_fit_steps", "must be >= 0 (0: off)")
+    _require(di.final_fit_target_temperature is None or di.final_fit_target_temperature > 0,
+             "distill.final_fit_target_temperature", "must be > 0 or null")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
 
     _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")

@@ -9,6 +9,7 @@ the labelled batches. Every random stream is derived from the config seed and th
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -71,8 +72,11 @@ def fit_fresh_student(
     :func:`~fed_dfkd.distill.fit_student`, in chunks of ``student_steps``, with the run's
     augmentation settings and the seeded ``"final-fit"`` streams: the final fit of a run, and
     what ``bench/pool_retrain.py`` redoes. Returns the trainer (its ``student``) and the last
-    chunk's report."""
+    chunk's report. ``distill.final_fit_target_temperature``, when set, replaces the targets'
+    temperature for the fit."""
     d, seed = cfg.distill, cfg.runtime.seed
+    if d.final_fit_target_temperature is not None:
+        d = dataclasses.replace(d, target_temperature=d.final_fit_target_temperature)
     trainer = StudentTrainer(build_student(cfg, info).to(device), d, cfg.curriculum, cfg.method)
     augment = make_rng(seed, "final-fit-augment")
 

@@ -155,9 +155,43 @@ def test_the_fitted_student_replaces_the_evaluated_average_too() -> None:
     assert _same(c.evaluated_student.state_dict(), reference.evaluated_student.state_dict())
 
 
-def test_a_negative_final_fit_is_refused() -> None:
-    with pytest.raises(ConfigError, match="distill.final_fit_steps"):
-        _config(final_fit_steps=-1)
+def _fit_three_rounds(**distill) -> Coordinator:
+    c = Coordinator(_config(final_fit_steps=4, **distill), INFO)
+    for r in range(3):
+        c.train_student(*_round_data(r))
+        c.end_round()
+    return c
+
+
+def test_the_fit_s_own_target_temperature_acts_on_the_fit_alone() -> None:
+    # The online rounds of a run with only the fit's temperature set are those of the plain run;
+    # its fit is the fit of a run whose targets have that temperature throughout, on the same pool.
+    plain, own = Coordinator(_config(), INFO), Coordinator(_config(final_fit_target_temperature=0.5), INFO)
+    for r in range(2):
+        for c in (plain, own):
+            c.train_student(*_round_data(r))
+            c.end_round()
+        assert _same(_student_state(plain), _student_state(own))
+    fitted = _fit_three_rounds(final_fit_target_temperature=0.5)
+    sharp = Coordinator(_config(final_fit_steps=4, target_temperature=0.5), INFO)
+    sharp.replay, sharp.round = fitted.replay, 2
+    sharp.final_fit()
+    assert _same(_student_state(fitted), _student_state(sharp))
+    assert not _same(_student_state(fitted), _student_state(_fit_three_rounds()))
+    # Set, it overrides distill.target_temperature for the fit: 1 there is the plain fit.
+    unsharpened, overridden = (Coordinator(_config(final_fit_steps=4, **d), INFO) for d in (
+        {}, {"target_temperature": 0.5, "final_fit_target_temperature": 1.0}))
+    for c in (unsharpened, overridden):
+        c.replay, c.round = fitted.replay, 2
+        c.final_fit()
+    assert _same(_student_state(overridden), _student_state(unsharpened))
+    assert not _same(_student_state(overridden), _student_state(sharp))
+
+
+@pytest.mark.parametrize("key, value", [("final_fit_steps", -1), ("final_fit_target_temperature", 0.0)])
+def test_bad_final_fit_settings_are_refused(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"distill.{key}"):
+        _config(**{key: value})
 
 
 class _Checksum:
