@@ -9,6 +9,8 @@ sampling, filtering) from the synthesis, in minutes instead of a whole federatio
         --temperature 1 --steps 2400
 
 ``--set distill.KEY=VALUE`` changes any other student setting (learning rate, batch size, ...).
+Sharper targets for the fit: ``--set distill.final_fit_target_temperature=τ`` (on a run that
+leaves that key null, ``--set distill.target_temperature=τ`` does the same; where it is set, it wins).
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
 the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
