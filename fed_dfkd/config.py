@@ -210,6 +210,14 @@ class DistillConfig:
     final_fit_steps: int = 0
     # target_temperature of the final fit alone (null: distill.target_temperature).
     final_fit_target_temperature: float | None = None
+    # Hard samples (fed_dfkd/hard_samples.py): every round after the first, this many samples of
+    # the replay buffer (a multiple of batch_size; 0: off) are pushed by hard_sample_steps PGD
+    # steps within an L-infinity ball of hard_sample_radius ([0, 1] pixel units) towards the
+    # student's divergence from their stored targets, and travel with the round's samples for the
+    # teachers to label; labelled, they join the buffer.
+    hard_samples: int = 0
+    hard_sample_radius: float = 0.1
+    hard_sample_steps: int = 5
     eval_every: int = 1
 
 
@@ -685,6 +693,12 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.final_fit_target_temperature is None or di.final_fit_target_temperature > 0,
              "distill.final_fit_target_temperature", "must be > 0 or null")
     _require(di.eval_every >= 1, "distill.eval_every", "must be >= 1")
+    _require(di.hard_samples >= 0 and di.hard_samples % di.batch_size == 0, "distill.hard_samples",
+             f"must be 0 (off) or a multiple of distill.batch_size ({di.batch_size}): they travel "
+             "as whole batches")
+    _require(0 <= di.hard_sample_radius <= 1, "distill.hard_sample_radius",
+             "must be in [0, 1] (pixel units of [0, 1] images)")
+    _require(di.hard_sample_steps >= 1, "distill.hard_sample_steps", "must be >= 1")
 
     _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")
     if cu.pace == "quantile":
@@ -752,6 +766,9 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(me.generator_latents != "round" or di.pseudo_batches == 1, "distill.pseudo_batches",
              "method.generator_latents: round draws the one batch G was fitted to: set 1 "
              "(with distill.replay_rounds for more samples)")
+    _require(not di.hard_samples or fe.sample_transport == "pixels", "distill.hard_samples",
+             "needs federation.sample_transport: pixels (with seed the owners regenerate the "
+             "round's samples from G and would never see the hard ones)")
     _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
              "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.

@@ -19,6 +19,7 @@ from fed_dfkd.augment import augment_batches
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer, fit_student
+from fed_dfkd.hard_samples import perturb_towards_errors
 from fed_dfkd.models import Generator, build_classifier, build_generator
 from fed_dfkd.models.normalized import NormalizedClassifier
 from fed_dfkd.samples import as_float_images, draw_pseudo_batches, round_latents
@@ -161,6 +162,28 @@ class Coordinator:
         state = self.generator.state_dict()
         for name, value in delta.items():
             state[name].add_(value.to(state[name].device, state[name].dtype))
+
+    def hard_batches(self) -> Tensor | None:
+        """``distill.hard_samples``: that many samples of the replay buffer, drawn without
+        replacement (with, when it holds fewer) by the round's ``"hard-samples"`` stream and
+        pushed towards the student's mistakes (:func:`~fed_dfkd.hard_samples.perturb_towards_errors`
+        against their stored targets at ``distill.target_temperature``), as ``[H / B, B, C, H, W]``
+        batches in the buffer's dtype for the teachers to label with the round's samples. None
+        when off or while the buffer is empty (the first round)."""
+        d = self.cfg.distill
+        if not d.hard_samples or not len(self.replay):
+            return None
+        images, targets = self.replay.samples()
+        rng = make_rng(self.cfg.runtime.seed, "hard-samples", self.round)
+        index = (torch.randperm(len(images), generator=rng)[: d.hard_samples]
+                 if len(images) >= d.hard_samples
+                 else torch.randint(len(images), (d.hard_samples,), generator=rng))
+        hard = perturb_towards_errors(
+            self.student, images[index].to(self.device), targets[index].to(self.device),
+            radius=d.hard_sample_radius, steps=d.hard_sample_steps,
+            rng=make_rng(self.cfg.runtime.seed, "hard-sample-start", self.round, device=self.device),
+            target_temperature=d.target_temperature)
+        return hard.view(d.hard_samples // d.batch_size, d.batch_size, *hard.shape[1:])
 
     def train_student(self, samples: Tensor, targets: Tensor) -> dict[str, float]:
         """Student steps on this round's labelled batches (and the replayed ones)."""

@@ -62,6 +62,10 @@ class ReplayBuffer:
         self._entries.append((images, targets))
         del self._entries[: max(0, len(self._entries) - (self.rounds + 1))]
 
+    def __len__(self) -> int:
+        """The number of stored samples."""
+        return sum(e[0].shape[0] * e[0].shape[1] for e in self._entries)
+
     def batches(self) -> tuple[Tensor, Tensor]:
         images = torch.cat([e[0] for e in self._entries])
         targets = torch.cat([e[1] for e in self._entries])
