@@ -14,7 +14,10 @@ leaves that key null, ``--set distill.target_temperature=τ`` does the same; whe
 ``--select agree`` keeps only the samples whose ensemble label is the class the owner's G was
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
 the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
-student's batches with weights inversely proportional to the count of their ensemble label. One line per 10 chunks of
+student's batches with weights inversely proportional to the count of their ensemble label.
+``--select generated`` drops a ``distill.hard_samples`` run's hard samples (the last
+hard_samples / batch_size batches of every round's entry but round 1's), keeping what the
+generators drew: the same run's pool without them. One line per 10 chunks of
 ``student_steps``: the test accuracy. With the run's settings (no ``--temperature``, ``--select all``) and the
 checkpoint of a run with ``distill.final_fit_steps``, it redoes that run's final fit on the same pool: the same
 initialisation and the same draws, so the last line is the run's final student accuracy (the pool then already
@@ -40,7 +43,8 @@ from fed_dfkd.samples import round_latents
 
 
 def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images, targets) of the run's pool, filtered with ``select == "agree"``."""
+    """(uint8 images, targets) of the run's pool, filtered with ``select`` ``"agree"`` or
+    ``"generated"``."""
     cfg = load_config(run / "config.resolved.yaml")
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     coordinator = state["server"]["coordinator"] if "server" in state else state["engine"]["coordinator"]
@@ -48,8 +52,17 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
     owners = sorted(state["server"].get("owner_generators", {})) if "server" in state else []
     generator = build_pseudo_generator(cfg, dataset_info(cfg.data.dataset))
     manifests = {}
-    for round_index, (batch_images, batch_targets) in enumerate(coordinator["replay"]["entries"]):
-        for row in range(batch_images.shape[0]):
+    hard_rows = cfg.distill.hard_samples // cfg.distill.batch_size
+    entries = coordinator["replay"]["entries"]
+    first_round = int(coordinator["round"]) - len(entries)  # a bounded buffer drops early rounds
+    for entry, (batch_images, batch_targets) in enumerate(entries):
+        round_index = first_round + entry
+        rows = batch_images.shape[0]
+        if select == "generated" and round_index > 0:
+            if not hard_rows:
+                raise SystemExit("--select generated needs a run with distill.hard_samples")
+            rows -= hard_rows
+        for row in range(rows):
             keep = torch.ones(batch_images.shape[1], dtype=torch.bool)
             if select == "agree":
                 if round_index == 0 or teachers is None:
@@ -77,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--teachers", type=Path, help="the owners' teachers (for --select agree)")
-    parser.add_argument("--select", choices=("all", "agree", "balanced"), default="all")
+    parser.add_argument("--select", choices=("all", "agree", "balanced", "generated"), default="all")
     parser.add_argument("--steps", type=int, help="student steps in all (default: the run's "
                         "distill.final_fit_steps, else 2400)")
     parser.add_argument("--temperature", type=float, help="KD temperature (default: the run's)")

@@ -227,6 +227,39 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     assert report["student_accuracy_before_fit"] == last["student_accuracy_before_fit"]  # the online one
 
 
+def test_hard_samples_join_the_pool_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
+    """``distill.hard_samples``: from round 2 on, one batch of pooled samples pushed towards the
+    student's mistakes travels with the owners' batches, is labelled by every owner and pooled;
+    the seeded draw and start resume to the same state, and bench/pool_retrain.py's
+    ``--select generated`` drops exactly those batches again."""
+    overrides = PER_OWNER + ["distill.hard_samples=32"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert simulate(whole, teachers=teachers, overrides=overrides) == 0
+    state = load_checkpoint(whole)["server"]
+    pool = state["coordinator"]["replay"]["entries"]
+    assert [tuple(images.shape[:2]) for images, _ in pool] == [(1, 32), (4, 32), (4, 32)]
+    # The hard batch of round 3 is round 2's pool moved by at most the radius (0.1: 25.5 levels).
+    earlier = torch.cat([pool[0][0].flatten(0, 1), pool[1][0].flatten(0, 1)]).float()
+    hard = pool[2][0][3].float()
+    distance = (hard[:, None] - earlier[None]).abs().amax(dim=(2, 3, 4)).min(dim=1).values
+    assert distance.max() <= 0.1 * 255 + 0.5 and distance.max() > 0
+    assert [h["replies"] for h in read_report(whole)["history"]] == [3, 3, 3]
+
+    stop_before_round(monkeypatch, 2)
+    assert simulate(cut, teachers=teachers, overrides=overrides) == 130
+    monkeypatch.undo()
+    assert simulate(cut, "--resume", teachers=teachers, overrides=overrides) == 0
+    resumed = load_checkpoint(cut)["server"]
+    resumed.pop("run_key"), state.pop("run_key")
+    assert_same_state(resumed, state, "server")
+
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
+                           "--select", "generated", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("pool 224 samples")  # 7 generated batches of 32
+
+
 # --------------------------------------------------------------------------------------------
 # Malformed replies and too few clients
 # --------------------------------------------------------------------------------------------
