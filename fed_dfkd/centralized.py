@@ -5,7 +5,7 @@ same order and with the same random streams (:class:`~fed_dfkd.coordinator.Coord
 
 1. draw the round's pseudo-batches X from G (eval mode, uint8 when ``distill.quantize_samples``),
    with ``distill.hard_samples`` pooled samples pushed towards the student's mistakes appended
-   (:meth:`~fed_dfkd.coordinator.Coordinator.hard_batches`);
+   (:meth:`~fed_dfkd.coordinator.Coordinator.with_hard_batches`);
 2. the teachers' logits on X, aggregated into targets (``distill.ensemble``);
 3. (``method.generator_reset``: G re-initialised, its optimizer state cleared;)
    ``method.generator_steps`` generator steps against the teacher(s) and the student as it was
@@ -100,10 +100,7 @@ class CentralDistillation:
         c, r = self.coordinator, self.coordinator.round
         progress = c.progress
         started = time.perf_counter()
-        samples = c.draw_samples()
-        hard = c.hard_batches()
-        if hard is not None:
-            samples = torch.cat([samples, hard.to(samples.device, samples.dtype)])
+        samples = c.with_hard_batches(c.draw_samples())
         targets = self.teacher_targets(as_float_images(samples).flatten(0, 1))
         if self.cfg.method.generator_reset:  # after the draw: this round's samples are labelled
             c.reset_generator(self.generator_optimizer)

@@ -163,6 +163,12 @@ class Coordinator:
         for name, value in delta.items():
             state[name].add_(value.to(state[name].device, state[name].dtype))
 
+    def with_hard_batches(self, samples: Tensor) -> Tensor:
+        """The round's pseudo-batches ``samples`` followed by :meth:`hard_batches` (unchanged
+        when there are none): what the teachers label and the pool receives."""
+        hard = self.hard_batches()
+        return samples if hard is None else torch.cat([samples, hard.to(samples.device, samples.dtype)])
+
     def hard_batches(self) -> Tensor | None:
         """``distill.hard_samples``: that many samples of the replay buffer, drawn without
         replacement (with, when it holds fewer) by the round's ``"hard-samples"`` stream and

@@ -127,10 +127,8 @@ class FederatedServer:
             samples = c.draw_samples(self._wire_generator())
             wire_samples = samples.new_zeros((0, *samples.shape[2:]))
         else:
-            samples = self._draw_owner_samples() if self.owner_generators else c.draw_samples()
-            hard = c.hard_batches()
-            if hard is not None:  # labelled with the round's samples, pooled with them
-                samples = torch.cat([samples, hard.to(samples.device, samples.dtype)])
+            samples = c.with_hard_batches(
+                self._draw_owner_samples() if self.owner_generators else c.draw_samples())
             wire_samples = samples.flatten(0, 1)
         if cfg.method.generator_reset:
             # After the draw (pixels transport: the samples travel as drawn), before G is sent:

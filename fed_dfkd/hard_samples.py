@@ -18,16 +18,10 @@ images derived from the generators' samples, and logits.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from fed_dfkd.losses.kd import kd_kl_per_sample
 from fed_dfkd.samples import dequantize_images, quantize_images
-
-
-def student_divergence(student_logits: Tensor, target_logits: Tensor) -> Tensor:
-    """Per-sample KL(softmax(t) || softmax(s)) in nats: what the perturbation ascends."""
-    target = F.softmax(target_logits, dim=1)
-    return (target * (F.log_softmax(target_logits, dim=1) - F.log_softmax(student_logits, dim=1))).sum(1)
 
 
 def perturb_towards_errors(
@@ -41,7 +35,8 @@ def perturb_towards_errors(
     target_temperature: float = 1.0,
 ) -> Tensor:
     """Projected sign-gradient ascent (PGD, L-infinity ball of ``radius`` in [0, 1] pixel units)
-    of :func:`student_divergence` between ``student(x)`` and ``targets / target_temperature``.
+    of the per-sample KL(softmax(t / target_temperature) || softmax(student(x)))
+    (:func:`~fed_dfkd.losses.kd.kd_kl_per_sample` at T = 1).
 
     Starts from a uniform random point of the ball (drawn with ``rng``), takes ``steps`` steps of
     ``2.5 * radius / steps`` (Madry et al.'s step for reaching the boundary), projects onto the
@@ -62,7 +57,7 @@ def perturb_towards_errors(
         step = 2.5 * radius / steps
         for _ in range(steps):
             x = x.detach().requires_grad_(True)
-            loss = student_divergence(student(x), scaled).sum()
+            loss = kd_kl_per_sample(student(x), scaled, temperature=1.0).sum()
             (grad,) = torch.autograd.grad(loss, x)
             x = x.detach() + step * grad.sign()
             x = torch.minimum(torch.maximum(x, origin - radius), origin + radius).clamp(0.0, 1.0)

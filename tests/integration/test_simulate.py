@@ -193,6 +193,19 @@ PER_OWNER = FAST + ["federation.generators=per_owner", "method.generator_reset=t
                     "distill.final_fit_steps=5"]
 
 
+def assert_interrupted_run_resumes_to(state: dict[str, Any], cut: Path, *, teachers: Path,
+                                      overrides: list[str], monkeypatch) -> None:
+    """A run into ``cut`` stopped as round 3 starts, then resumed, ends in the server ``state``
+    of the uninterrupted run (its ``run_key`` aside: each run draws its own)."""
+    stop_before_round(monkeypatch, 2)
+    assert simulate(cut, teachers=teachers, overrides=overrides) == 130
+    monkeypatch.undo()
+    assert simulate(cut, "--resume", teachers=teachers, overrides=overrides) == 0
+    resumed = load_checkpoint(cut)["server"]
+    resumed.pop("run_key")
+    assert_same_state(resumed, {k: v for k, v in state.items() if k != "run_key"}, "server")
+
+
 def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
     """Each round after the first draws one batch per owner that replied to the last one, and the
     kept generators are part of the checkpoint: an interrupted run resumes to the same state.
@@ -207,13 +220,7 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     assert [tuple(images.shape[:2]) for images, _ in pool] == [(1, 32), (3, 32), (3, 32)]
     assert [h["replies"] for h in read_report(whole)["history"]] == [3, 3, 3]
 
-    stop_before_round(monkeypatch, 2)
-    assert simulate(cut, teachers=teachers, overrides=PER_OWNER) == 130
-    monkeypatch.undo()
-    assert simulate(cut, "--resume", teachers=teachers, overrides=PER_OWNER) == 0
-    resumed = load_checkpoint(cut)["server"]
-    resumed.pop("run_key"), state.pop("run_key")
-    assert_same_state(resumed, state, "server")
+    assert_interrupted_run_resumes_to(state, cut, teachers=teachers, overrides=PER_OWNER, monkeypatch=monkeypatch)
     last = read_metrics(whole)[-1]
     assert last["final_fit_samples"] == 7 * 32 and "final_fit_samples" not in read_metrics(whole)[-2]
 
@@ -245,13 +252,7 @@ def test_hard_samples_join_the_pool_and_resume_to_the_uninterrupted_state(tmp_pa
     assert distance.max() <= 0.1 * 255 + 0.5 and distance.max() > 0
     assert [h["replies"] for h in read_report(whole)["history"]] == [3, 3, 3]
 
-    stop_before_round(monkeypatch, 2)
-    assert simulate(cut, teachers=teachers, overrides=overrides) == 130
-    monkeypatch.undo()
-    assert simulate(cut, "--resume", teachers=teachers, overrides=overrides) == 0
-    resumed = load_checkpoint(cut)["server"]
-    resumed.pop("run_key"), state.pop("run_key")
-    assert_same_state(resumed, state, "server")
+    assert_interrupted_run_resumes_to(state, cut, teachers=teachers, overrides=overrides, monkeypatch=monkeypatch)
 
     done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
                            "--select", "generated", "--steps", "2"],
