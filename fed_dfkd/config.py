@@ -196,7 +196,7 @@ class DistillConfig:
     # The aggregated targets' logits are divided by this before the KD and relation terms
     # (< 1 sharpens flat ensemble targets; 1: as aggregated).
     target_temperature: float = 1.0
-    ensemble: Literal["mean", "weighted", "class_weighted", "median", "trimmed_mean"] = "mean"
+    ensemble: Literal["mean", "weighted", "class_weighted", "consensus", "median", "trimmed_mean"] = "mean"
     quantize_samples: bool = True
     # Draw the student's pseudo-batches from G with its BatchNorm running statistics ("running",
     # the reference) or with each batch's own statistics ("batch", as in G's own steps).
@@ -793,7 +793,7 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(pr.epsilon_max is None or pr.epsilon_max > 0, "privacy.epsilon_max",
              "must be > 0 or null (null: target_epsilon, or no limit)")
     if pr.level == "record" and not pr.summary:
-        _require(di.ensemble not in ("weighted", "class_weighted"), "distill.ensemble",
+        _require(di.ensemble not in ("weighted", "class_weighted", "consensus"), "distill.ensemble",
                  f"{di.ensemble!r} weighs teachers by their class histograms, which a DP teacher "
                  "releases only through the summary (privacy.summary: true)")
         _require(me.class_balance_prior == "uniform", "method.class_balance_prior",

@@ -181,3 +181,69 @@ def test_weighted_accepts_histograms_as_their_row_sums():
 def test_class_weighted_rejects_a_wrong_shape():
     with pytest.raises(ValueError, match="class counts"):
         aggregate_logits(torch.zeros(2, 1, 3), rule="class_weighted", weights=[1, 2])
+
+
+def test_consensus_chains_the_teachers_class_by_class():
+    # Teacher 0 saw classes 0 and 1 (equally often), teacher 1 classes 1 and 2. Teacher 0 says
+    # z0 - z1 = 2 and gives the class it never saw a confident 9, which must not count; teacher
+    # 1 says z1 - z2 = 1. A chain, so the fit is exact whatever the weights: z = (3, 1, 0).
+    logits = stacked([2.0, 0.0, 9.0], [7.0, 1.0, 0.0])
+    out = aggregate_logits(logits, rule="consensus", weights=[[100, 100, 0], [0, 100, 100]])
+    assert torch.allclose(out, torch.tensor([[3.0, 1.0, 0.0]]).log_softmax(-1), atol=1e-5)
+    # The class-weighted ensemble mixes probabilities, where teacher 0's confident 9 on the
+    # class it never saw leaves its own classes almost nothing: it ranks class 1 first.
+    mixed = aggregate_logits(logits, rule="class_weighted", weights=[[100, 100, 0], [0, 100, 100]])
+    assert mixed.argmax() == 1 and mixed.exp().max() < 0.5
+
+
+def test_consensus_corrects_for_each_owners_class_mix():
+    # One teacher trained on 3x as many class-0 examples: its logits carry log(3) of prior,
+    # which the rule removes (class posteriors under a uniform prior).
+    logits = stacked([torch.log(torch.tensor(3.0)).item(), 0.0])
+    out = aggregate_logits(logits, rule="consensus", weights=[[300, 100]])
+    assert torch.allclose(out.exp(), torch.tensor([[0.5, 0.5]]), atol=1e-5)
+
+
+def test_consensus_recovers_scores_that_every_teacher_agrees_on():
+    # t_kc = z_c + log n_kc + b_k (any offset per teacher and sample) on the classes teacher k
+    # saw, anything on the others: the rule returns log softmax(z) for any positive counts.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, generator=g)
+    counts = torch.tensor([[10.0, 50, 0, 3], [0, 20, 30, 40], [5, 0, 0, 100]])
+    offsets = torch.randn(3, 6, 1, generator=g) * 5
+    unseen = torch.randn(3, 6, 4, generator=g) * 10 * (counts[:, None, :] == 0)
+    logits = z[None] + counts.clamp_min(1).log()[:, None, :] + offsets + unseen
+    out = aggregate_logits(logits, rule="consensus", weights=counts)
+    assert torch.allclose(out, z.log_softmax(-1), atol=1e-4)
+
+
+def test_consensus_ignores_a_constant_added_to_one_teacher():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 4, generator=g)
+    counts = [[10, 20, 0, 5], [0, 30, 30, 1], [7, 0, 9, 40]]
+    shifted = logits.clone()
+    shifted[1] += 12.5
+    assert torch.allclose(aggregate_logits(logits, rule="consensus", weights=counts),
+                          aggregate_logits(shifted, rule="consensus", weights=counts), atol=1e-5)
+
+
+def test_consensus_of_teachers_that_saw_everything_equally_is_the_mean_of_logits():
+    # Equal weights on a complete design: z_c = mean_k t_kc up to a common shift.
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(3))
+    out = aggregate_logits(logits, rule="consensus", weights=[[50, 50, 50, 50]] * 3)
+    assert torch.allclose(out, logits.mean(0).log_softmax(-1), atol=1e-5)
+
+
+def test_consensus_lets_everyone_speak_on_a_class_nobody_saw():
+    # Class 2 unseen: its score is the teachers' own logit, corrected as if it were a class of
+    # average frequency for each of them; both say z2 - z0 = -1, and that is what comes out.
+    logits = stacked([1.0, 0.0, 0.0], [1.0, 0.0, 0.0])
+    out = aggregate_logits(logits, rule="consensus", weights=[[100, 100, 0], [100, 100, 0]])
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0]]).log_softmax(-1), atol=1e-4)
+
+
+def test_consensus_needs_class_counts_of_the_right_shape():
+    with pytest.raises(ValueError, match="consensus"):
+        aggregate_logits(torch.zeros(2, 1, 3), rule="consensus")
+    with pytest.raises(ValueError, match="class counts"):
+        aggregate_logits(torch.zeros(2, 1, 3), rule="consensus", weights=[1, 2])

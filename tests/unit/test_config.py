@@ -203,7 +203,7 @@ def test_a_privacy_level_needs_exactly_one_of_target_epsilon_and_noise(level):
     assert config_from_dict({"privacy": {"level": level, "target_epsilon": 2.0}, **extra}).privacy.target_epsilon == 2.0
 
 
-@pytest.mark.parametrize("ensemble", ["weighted", "class_weighted"])
+@pytest.mark.parametrize("ensemble", ["weighted", "class_weighted", "consensus"])
 def test_client_level_privacy_refuses_aggregations_that_read_private_histograms(ensemble):
     cfg = {"privacy": {"level": "client", "noise_multiplier": 1.0},
            "federation": {"update_aggregation": "mean"}, "distill": {"ensemble": ensemble}}
@@ -211,6 +211,15 @@ def test_client_level_privacy_refuses_aggregations_that_read_private_histograms(
     cfg["distill"]["ensemble"] = "mean"
     cfg["federation"]["update_aggregation"] = "weighted_mean"
     assert config_error(cfg).field_path == "federation.update_aggregation"
+
+
+@pytest.mark.parametrize("ensemble", ["weighted", "class_weighted", "consensus"])
+def test_record_level_without_the_summary_refuses_aggregations_that_need_histograms(ensemble):
+    cfg = {"privacy": {"level": "record", "target_epsilon": 1.0, "summary": False},
+           "distill": {"ensemble": ensemble}}
+    assert config_error(cfg).field_path == "distill.ensemble"
+    cfg["privacy"]["summary"] = True
+    assert config_from_dict(cfg).distill.ensemble == ensemble
 
 
 @pytest.mark.parametrize("key,value", [("target_epsilon", 0.0), ("target_epsilon", -1.0),
