@@ -17,7 +17,10 @@ the classes are recomputed from each owner's manifest). ``--select balanced`` dr
 student's batches with weights inversely proportional to the count of their ensemble label.
 ``--select generated`` drops a ``distill.hard_samples`` run's hard samples (the last
 hard_samples / batch_size batches of every round's entry but round 1's), keeping what the
-generators drew: the same run's pool without them. One line per 10 chunks of
+generators drew: the same run's pool without them. ``--relabel RULE`` replaces the pool's targets
+by the ``--teachers`` folder's teachers' logits on the pool's images, combined by ``distill.ensemble``
+rule RULE with their manifests' class histograms (any teachers: the pool's own, or another
+federation's, to compare rules on fixed samples). One line per 10 chunks of
 ``student_steps``: the test accuracy. With the run's settings (no ``--temperature``, ``--select all``) and the
 checkpoint of a run with ``distill.final_fit_steps``, it redoes that run's final fit on the same pool: the same
 initialisation and the same draws, so the last line is the run's final student accuracy (the pool then already
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fed_dfkd.aggregation import LOGIT_RULES, aggregate_logits
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, fit_fresh_student
 from fed_dfkd.data import dataset_info
@@ -39,7 +43,7 @@ from fed_dfkd.data.teachers import load_teacher, predict_logits
 from fed_dfkd.distill import StudentTrainer
 from fed_dfkd.errors import UserError
 from fed_dfkd.metrics import accuracy
-from fed_dfkd.samples import round_latents
+from fed_dfkd.samples import as_float_images, round_latents
 
 
 def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +90,23 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
     return torch.cat(images), torch.cat(targets)
 
 
+def relabel(images: torch.Tensor, teachers: Path, num_clients: int, rule: str) -> torch.Tensor:
+    """The owners' teachers' logits on ``images``, combined by ``rule`` with their class histograms."""
+    logits, counts = [], []
+    for owner in range(num_clients):
+        model, manifest = load_teacher(teachers / f"client_{owner}.pt")
+        logits.append(predict_logits(model, as_float_images(images), batch_size=2048))
+        counts.append(manifest.class_histogram)
+    return aggregate_logits(torch.stack(logits), rule=rule, weights=counts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--teachers", type=Path, help="the owners' teachers (for --select agree)")
+    parser.add_argument("--teachers", type=Path, help="the owners' teachers folder (for --select agree and --relabel)")
     parser.add_argument("--select", choices=("all", "agree", "balanced", "generated"), default="all")
+    parser.add_argument("--relabel", choices=LOGIT_RULES, help="label the pool again with the "
+                        "--teachers folder's teachers, combined by this rule")
     parser.add_argument("--steps", type=int, help="student steps in all (default: the run's "
                         "distill.final_fit_steps, else 2400)")
     parser.add_argument("--temperature", type=float, help="KD temperature (default: the run's)")
@@ -111,6 +127,12 @@ def main() -> None:
     steps = args.steps or d.final_fit_steps or 2400
     splits = load_experiment_data(cfg)
     images, targets = pool(args.run, args.teachers, args.select)
+    if args.relabel is not None:
+        if args.teachers is None:
+            raise SystemExit("pool_retrain.py: --relabel needs --teachers")
+        targets = relabel(images, args.teachers, cfg.federation.num_clients, args.relabel)
+        print(f"relabelled by {args.relabel}: mean top probability "
+              f"{float(targets.softmax(1).max(1).values.mean()):.3f}", flush=True)
     labels = targets.argmax(1)
     print(f"pool {len(images)} samples, ensemble labels per class "
           f"{torch.bincount(labels, minlength=splits.info.num_classes).tolist()}", flush=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import subprocess
@@ -232,6 +233,20 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     report = read_report(whole)
     assert float(final.rsplit(" ", 1)[1]) == pytest.approx(report["student_accuracy"], abs=5e-5)
     assert report["student_accuracy_before_fit"] == last["student_accuracy_before_fit"]  # the online one
+
+    # --relabel with the run's own rule (class_weighted) and teachers gives back the pool's
+    # targets, up to the float16 logits of the wire; consensus labels the same samples too.
+    spec = importlib.util.spec_from_file_location("pool_retrain", REPO / "bench" / "pool_retrain.py")
+    retrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retrain)
+    images, stored = retrain.pool(whole, None, "all")
+    again = retrain.relabel(images, teachers / "teachers", 3, "class_weighted")
+    assert torch.allclose(again.exp(), stored.float().exp(), atol=2e-3)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
+                           "--teachers", str(teachers / "teachers"), "--relabel", "consensus",
+                           "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "relabelled by consensus: mean top probability" in done.stdout
 
 
 def test_hard_samples_join_the_pool_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
