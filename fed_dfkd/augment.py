@@ -1,7 +1,8 @@
 """Label-preserving image augmentations, seeded by an explicit ``torch.Generator``.
 
-Used for teacher pretraining (``models.pretrain.augment``) and, on the server, for the
-student's pseudo-batches (``distill.augment_shift``, ``distill.augment_flip``). The teachers
+Used for teacher pretraining (``models.pretrain.augment``), on the server for the student's
+pseudo-batches (``distill.augment_shift``, ``distill.augment_flip``), and inside the generator
+steps (``method.synthesis_jitter``, a differentiable shift of G's batch). The teachers
 label each pseudo-sample once, as it left G; the student then sees a shifted and/or mirrored
 copy against that same target. That assumes the teachers' answers barely change under a shift
 of a pixel or two and, with ``flip``, under a left-right mirror. Plausible for real garments
@@ -27,7 +28,8 @@ def random_shift(images: Tensor, *, max_shift: int, generator: torch.Generator) 
         return images
     batch, _, height, width = images.shape
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(images.device)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator,
+                            device=generator.device).to(images.device)
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [B, H]
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [B, W]
     batch_index = torch.arange(batch, device=images.device)[:, None, None]
@@ -38,7 +40,7 @@ def random_shift(images: Tensor, *, max_shift: int, generator: torch.Generator) 
 
 def random_flip(images: Tensor, *, generator: torch.Generator) -> Tensor:
     """Mirror each image of ``[B, C, H, W]`` left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
     flip = flip.to(images.device)[:, None, None, None]
     return torch.where(flip, images.flip(-1), images)
 

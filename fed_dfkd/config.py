@@ -159,6 +159,11 @@ class MethodConfig:
     # answer held fixed, so G cannot raise the divergence by pushing the teacher to extremes).
     adversarial_through_teacher: bool = True
     total_variation_weight: float | None = None
+    # DeepInversion's jitter: at every generator step each image of G's batch is shifted by up
+    # to this many pixels each way (zero padding, one seeded offset per image) before the
+    # teacher and the student see it, so G is fitted to samples whose teacher answer survives a
+    # small shift. 0: off (the reference loops).
+    synthesis_jitter: int = 0
     r2m_weight: float | None = None
     relation_weight: float | None = None
     contrastive_temperature: float = 0.07
@@ -763,6 +768,10 @@ def _check(cfg: ExperimentConfig) -> None:
              "method.class_balance_prior",
              "teacher needs federation.mode: generator_and_logits (in logits_only the server's "
              "generator steps see the whole ensemble, not one owner's teacher)")
+    _require(me.synthesis_jitter >= 0, "method.synthesis_jitter", "must be >= 0 (pixels; 0: off)")
+    _require(me.synthesis_jitter == 0 or fe.mode == "generator_and_logits", "method.synthesis_jitter",
+             "needs federation.mode: generator_and_logits (the zeroth-order steps of logits_only "
+             "query the owners on G's samples as drawn)")
     _require(me.generator_latents != "round" or di.pseudo_batches == 1, "distill.pseudo_batches",
              "method.generator_latents: round draws the one batch G was fitted to: set 1 "
              "(with distill.replay_rounds for more samples)")

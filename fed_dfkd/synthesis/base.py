@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fed_dfkd.augment import random_shift
 from fed_dfkd.config import CurriculumConfig, MethodConfig
 from fed_dfkd.curriculum import schedules
 from fed_dfkd.losses import (
@@ -226,7 +227,9 @@ class Synthesizer(abc.ABC):
         With ``latents`` = ``(Z, Y)`` (``method.generator_latents: round``) every step uses that
         one batch, and the one-hot term asks for the assigned classes Y instead of the argmax.
         ``class_prior`` (``method.class_balance_prior: teacher``, see :func:`teacher_class_prior`)
-        is the class mix the class-balance term asks of this teacher.
+        is the class mix the class-balance term asks of this teacher. With
+        ``method.synthesis_jitter`` = j every step shifts each image by up to j pixels (offsets
+        from ``rng``) before the objective, which then sees the shifted batch.
         """
         weights = self.term_weights(progress)
         steps = self.method.generator_steps
@@ -249,6 +252,8 @@ class Synthesizer(abc.ABC):
                     latent = generator.sample_latent(self.batch_size, rng=rng, device=device)
                     labels = generator.sample_labels(self.batch_size, rng=rng, device=device)
                     images = generator(latent, labels)
+                if self.method.synthesis_jitter:
+                    images = random_shift(images, max_shift=self.method.synthesis_jitter, generator=rng)
                 loss, terms, cache = self.objective(
                     teacher=teacher, student=student, images=images, progress=progress,
                     weights=weights, labels=labels, class_prior=class_prior,
