@@ -768,7 +768,9 @@ def _check(cfg: ExperimentConfig) -> None:
              "method.class_balance_prior",
              "teacher needs federation.mode: generator_and_logits (in logits_only the server's "
              "generator steps see the whole ensemble, not one owner's teacher)")
-    _require(me.synthesis_jitter >= 0, "method.synthesis_jitter", "must be >= 0 (pixels; 0: off)")
+    _require(0 <= me.synthesis_jitter < image_size, "method.synthesis_jitter",
+             f"must be >= 0 and < the image size ({image_size} for {d.dataset}; pixels, 0: off): "
+             "a shift by the whole image leaves it blank")
     _require(me.synthesis_jitter == 0 or fe.mode == "generator_and_logits", "method.synthesis_jitter",
              "needs federation.mode: generator_and_logits (the zeroth-order steps of logits_only "
              "query the owners on G's samples as drawn)")

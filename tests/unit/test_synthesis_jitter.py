@@ -56,7 +56,7 @@ def _run(jitter: int):
     return teacher.seen, start, generator, latents
 
 
-def test_the_teacher_sees_g_batch_shifted_by_the_seeded_offsets_at_every_step() -> None:
+def test_the_teacher_sees_g_batch_shifted_by_the_seeded_offsets() -> None:
     seen, start, generator, latents = _run(jitter=2)
     assert len(seen) == 3
     # Step 1: G at its initialisation; the teacher's batch is random_shift of G(Z) with the
@@ -79,9 +79,12 @@ def test_no_jitter_shows_the_teacher_g_batch_itself() -> None:
     torch.testing.assert_close(seen[0], images)
 
 
-def test_config_rejects_a_negative_jitter_and_jitter_in_logits_only() -> None:
+def test_config_rejects_a_negative_or_whole_image_jitter_and_jitter_in_logits_only() -> None:
     with pytest.raises(ConfigError, match="method.synthesis_jitter"):
         _config(-1)
+    with pytest.raises(ConfigError, match=r"image size \(8 for digits"):
+        _config(8)  # digits are 8x8
+    assert _config(7).method.synthesis_jitter == 7
     with pytest.raises(ConfigError, match="method.synthesis_jitter"):
         _config(2, mode="logits_only")
     assert _config(2).method.synthesis_jitter == 2
