@@ -61,6 +61,16 @@ class CentralDistillation:
             student_feature_dim=self.student.feature_dim, seed=cfg.runtime.seed,
         )
         self.class_prior = None
+        self.class_counts = None
+        if cfg.method.one_hot_prior_adjustment:
+            histograms = self.teacher_weights
+            if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
+                raise ValueError("method.one_hot_prior_adjustment needs the teachers' class histograms "
+                                 "as teacher_weights")
+            # The data of several teachers together: their summed histograms.
+            self.class_counts = torch.tensor(
+                [[float(c) for c in row] for row in histograms], device=self.device  # type: ignore[union-attr]
+            ).sum(dim=0)
         if cfg.method.class_balance_prior != "uniform":
             histograms = self.teacher_weights
             if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
@@ -108,7 +118,7 @@ class CentralDistillation:
             teacher=self.teacher, student=self.student, generator=self.generator,
             optimizer=self.generator_optimizer, progress=progress,
             rng=make_rng(self.cfg.runtime.seed, "generator-steps", r, device=self.device),
-            latents=c.step_latents(), class_prior=self.class_prior,
+            latents=c.step_latents(), class_prior=self.class_prior, class_counts=self.class_counts,
         )
         student = c.train_student(samples, targets)
         c.end_round()

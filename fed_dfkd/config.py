@@ -151,6 +151,12 @@ class MethodConfig:
     # "teacher": the mix of the data it was trained on (each owner's class histogram, plus one
     # per class), so an owner's teacher that never saw a class is not asked to predict it.
     class_balance_prior: Literal["uniform", "teacher"] = "uniform"
+    # Strength τ of the one-hot term's logit adjustment (fed_dfkd/losses/entropy.py,
+    # prior_adjusted_cross_entropy): the teacher's logits less τ·log(its class counts), over the
+    # classes it saw, so a skewed teacher's prior no longer hands almost any image to its
+    # majority class (each owner's own histogram in a federation; the summed histograms for
+    # `fed-dfkd distill` over several teachers). 0: the plain term.
+    one_hot_prior_adjustment: float = 0.0
     activation_weight: float | None = None
     adversarial_weight: float | None = None
     adversarial_divergence: Literal["kl", "l1", "js", "adi"] | None = None
@@ -768,6 +774,12 @@ def _check(cfg: ExperimentConfig) -> None:
              "method.class_balance_prior",
              "teacher needs federation.mode: generator_and_logits (in logits_only the server's "
              "generator steps see the whole ensemble, not one owner's teacher)")
+    _require(math.isfinite(me.one_hot_prior_adjustment) and me.one_hot_prior_adjustment >= 0,
+             "method.one_hot_prior_adjustment", "must be a finite number >= 0 (0: off)")
+    _require(not me.one_hot_prior_adjustment or fe.mode == "generator_and_logits",
+             "method.one_hot_prior_adjustment",
+             "needs federation.mode: generator_and_logits (in logits_only the server's generator "
+             "steps see the whole ensemble, not one owner's teacher)")
     _require(0 <= me.synthesis_jitter < image_size, "method.synthesis_jitter",
              f"must be >= 0 and < the image size ({image_size} for {d.dataset}; pixels, 0: off): "
              "a shift by the whole image leaves it blank")
@@ -810,6 +822,9 @@ def _check(cfg: ExperimentConfig) -> None:
         _require(me.class_balance_prior == "uniform", "method.class_balance_prior",
                  "teacher needs the teacher's class histogram, which a DP teacher has only through "
                  "its summary (privacy.summary: true)")
+        _require(not me.one_hot_prior_adjustment, "method.one_hot_prior_adjustment",
+                 "needs the teacher's class histogram, which a DP teacher has only through its "
+                 "summary (privacy.summary: true)")
     if pr.level == "client":
         if pr.noise_multiplier or pr.target_epsilon is not None:
             for clip in ("generator_clip", "logit_clip"):

@@ -78,6 +78,8 @@ class TeacherHost:
         # The owner's own class mix, used here only (it never leaves in this form).
         self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method,
                                                device=self.device)
+        self.class_counts = torch.tensor([float(c) for c in manifest.class_histogram],
+                                         device=self.device)
         # Client-level DP: this owner's own plan (from its own config, never the server's word),
         # its ledger, and a secret seed for local noise (a seed the server knew would let it
         # subtract the noise).
@@ -228,7 +230,7 @@ class TeacherHost:
                 progress=Progress(fraction=instruction.progress, round=instruction.round),
                 rng=make_rng(instruction.seed, "generator-steps", instruction.round, device=self.device),
                 latents=self._step_latents(instruction),
-                class_prior=self.class_prior,
+                class_prior=self.class_prior, class_counts=self.class_counts,
             )
             after = float_state(self.generator)
             delta = {k: (after[k] - before[k]).cpu() for k in before}

@@ -24,6 +24,7 @@ from fed_dfkd.losses.entropy import (
     batch_entropy,
     class_balance_loss,
     one_hot_loss,
+    prior_adjusted_cross_entropy,
 )
 from fed_dfkd.losses.kd import (
     KD_DIVERGENCES,
@@ -56,6 +57,7 @@ __all__ = [
     "kd_per_sample",
     "negative_window_ranks",
     "one_hot_loss",
+    "prior_adjusted_cross_entropy",
     "r2m_infonce",
     "relation_infonce",
     "relation_infonce_per_sample",

@@ -11,7 +11,13 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["activation_loss", "batch_entropy", "class_balance_loss", "one_hot_loss"]
+__all__ = [
+    "activation_loss",
+    "batch_entropy",
+    "class_balance_loss",
+    "one_hot_loss",
+    "prior_adjusted_cross_entropy",
+]
 
 
 def _check_logits(teacher_logits: Tensor) -> None:
@@ -27,6 +33,45 @@ def one_hot_loss(teacher_logits: Tensor) -> Tensor:
     _check_logits(teacher_logits)
     pseudo_labels = teacher_logits.argmax(dim=1)
     return F.cross_entropy(teacher_logits, pseudo_labels)
+
+
+def prior_adjusted_cross_entropy(
+    teacher_logits: Tensor, labels: Tensor | None, *, class_counts: Tensor, strength: float = 1.0
+) -> Tensor:
+    """Assigned-class confidence judged under a uniform class prior (logit adjustment).
+
+    L = (1/B)·Σ_i CE(s_i, y_i) with s_ic = t_ic − τ·log n_c over the classes the teacher saw
+    (n_c > 0, plus the asked class y_i), the rest masked out. A teacher trained on class mix
+    π ∝ n gives t_c = log p(x | c) + log π_c + a(x) (the model of ``distill.ensemble:
+    consensus``, docs/methods.md); at τ = 1, s_c is log p(x | c) up to a shift, so a sample
+    asked for the owner's majority class must look like that class more than like the others
+    it knows, not merely be any image (a skewed teacher's prior hands almost every image to its
+    majority class). τ = 0 is the plain CE(t, y) over the seen classes; a class the teacher never
+    saw (n_c = 0) has no say either way. Without ``labels`` (fresh latents, an unconditional G)
+    y_i = argmax_c s_ic, as in the plain one-hot term. (Menon et al., "Long-tail learning via logit
+    adjustment", ICLR 2021, applied to the generator's one-hot term.)
+    """
+    _check_logits(teacher_logits)
+    classes = teacher_logits.shape[1]
+    counts = torch.as_tensor(class_counts, dtype=teacher_logits.dtype, device=teacher_logits.device)
+    if counts.shape != (classes,) or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+        raise ValueError(
+            f"class_counts must be {classes} finite non-negative counts, got shape {tuple(counts.shape)}"
+        )
+    if labels is not None and labels.shape != teacher_logits.shape[:1]:
+        raise ValueError(f"labels must be [{teacher_logits.shape[0]}], got {tuple(labels.shape)}")
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"strength must be finite and >= 0, got {strength}")
+    seen = counts > 0
+    # An asked class the teacher never saw keeps its raw logit (its count is taken as 1).
+    adjusted = teacher_logits - strength * counts.clamp_min(1.0).log()
+    if labels is None:
+        if not bool(seen.any()):
+            raise ValueError("class_counts are all zero: the teacher saw no class")
+        labels = adjusted.masked_fill(~seen, float("-inf")).argmax(dim=1)
+    asked = F.one_hot(labels, classes).bool()
+    masked = adjusted.masked_fill(~(seen.unsqueeze(0) | asked), float("-inf"))
+    return F.cross_entropy(masked, labels)
 
 
 def _log_mean_probabilities(teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -31,6 +31,7 @@ from fed_dfkd.losses import (
     adversarial_loss,
     class_balance_loss,
     one_hot_loss,
+    prior_adjusted_cross_entropy,
     total_variation,
 )
 from fed_dfkd.models import Classifier, Generator
@@ -140,6 +141,7 @@ class Synthesizer(abc.ABC):
         weights: Mapping[str, float],
         labels: Tensor | None = None,
         class_prior: Tensor | None = None,
+        class_counts: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Weighted generator loss on ``images`` (in [0, 1], carrying G's graph).
 
@@ -147,7 +149,10 @@ class Synthesizer(abc.ABC):
         computed term and ``cache`` the tensors extra terms need (``teacher_features``,
         ``student_features``, ...). With ``labels`` (a conditional G's target classes) the
         one-hot term is CE(t, labels) instead of CE(t, argmax t). With ``class_prior`` the
-        class-balance term is KL(p̄ ‖ prior) instead of −H(p̄).
+        class-balance term is KL(p̄ ‖ prior) instead of −H(p̄). With
+        ``method.one_hot_prior_adjustment`` τ > 0 the one-hot term judges the teacher's logits
+        less τ·log ``class_counts`` (the per-class counts of its training data), over the classes
+        it saw (:func:`fed_dfkd.losses.prior_adjusted_cross_entropy`).
         """
         # The BN hooks cost a mean and a variance per layer: only register them when used. A DP
         # teacher has no BatchNorm; its owner's private feature statistics are the targets.
@@ -162,7 +167,14 @@ class Synthesizer(abc.ABC):
         terms: dict[str, Tensor] = {}
         if bn_loss is not None:
             terms["bn_statistics"] = bn_loss
-        if weights["one_hot"]:
+        adjustment = float(self.method.one_hot_prior_adjustment)
+        if weights["one_hot"] and adjustment:
+            if class_counts is None:
+                raise ValueError("method.one_hot_prior_adjustment needs the teacher's class counts")
+            terms["one_hot"] = prior_adjusted_cross_entropy(
+                teacher_logits, labels, class_counts=class_counts, strength=adjustment
+            )
+        elif weights["one_hot"]:
             terms["one_hot"] = (
                 one_hot_loss(teacher_logits) if labels is None
                 else torch.nn.functional.cross_entropy(teacher_logits, labels)
@@ -219,6 +231,7 @@ class Synthesizer(abc.ABC):
         rng: torch.Generator,
         latents: tuple[Tensor, Tensor] | None = None,
         class_prior: Tensor | None = None,
+        class_counts: Tensor | None = None,
     ) -> SynthesisReport:
         """``method.generator_steps`` optimizer steps on G; teacher and student stay unchanged.
 
@@ -227,7 +240,8 @@ class Synthesizer(abc.ABC):
         With ``latents`` = ``(Z, Y)`` (``method.generator_latents: round``) every step uses that
         one batch, and the one-hot term asks for the assigned classes Y instead of the argmax.
         ``class_prior`` (``method.class_balance_prior: teacher``, see :func:`teacher_class_prior`)
-        is the class mix the class-balance term asks of this teacher. With
+        is the class mix the class-balance term asks of this teacher, ``class_counts`` the
+        per-class counts of its training data (``method.one_hot_prior_adjustment``). With
         ``method.synthesis_jitter`` = j every step shifts each image by up to j pixels (offsets
         from ``rng``) before the objective, which then sees the shifted batch.
         """
@@ -257,6 +271,7 @@ class Synthesizer(abc.ABC):
                 loss, terms, cache = self.objective(
                     teacher=teacher, student=student, images=images, progress=progress,
                     weights=weights, labels=labels, class_prior=class_prior,
+                    class_counts=class_counts,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward(inputs=parameters)

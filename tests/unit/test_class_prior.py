@@ -1,4 +1,6 @@
-"""``method.class_balance_prior``: the class mix the class-balance term asks of a teacher."""
+"""What a teacher's class histogram steers in G's objective: ``method.class_balance_prior`` (the
+class mix the class-balance term asks for) and ``method.one_hot_prior_adjustment`` (the one-hot
+term under a uniform prior; the loss itself in test_prior_adjusted_one_hot.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
 from fed_dfkd.federated import FederatedServer
-from fed_dfkd.losses import class_balance_loss
+from fed_dfkd.losses import class_balance_loss, prior_adjusted_cross_entropy
 from fed_dfkd.models import build_classifier
 from fed_dfkd.models.normalized import NormalizedClassifier
 from fed_dfkd.protocol import RefusalData
@@ -24,12 +26,13 @@ INFO = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.25,), tuple(str(i) for i in ra
 SKEWED = [90, 10, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
-def _config(prior: str = "teacher", federation: dict | None = None, privacy: dict | None = None):
+def _config(prior: str = "teacher", federation: dict | None = None, privacy: dict | None = None,
+            **method):
     return config_from_dict({
         "data": {"dataset": "digits"},
         "models": {"teacher": "cnn_digits_bn", "student": "cnn_digits_half"},
         "method": {"name": "cudfkd", "class_balance_prior": prior, "generator_steps": 2,
-                   "adversarial_weight": 0.0},
+                   "adversarial_weight": 0.0, **method},
         "distill": {"batch_size": 16, "student_steps": 1, "optimizer": "sgd"},
         "federation": {"rounds": 2, **(federation or {})},
         **({"privacy": privacy} if privacy else {}),
@@ -105,36 +108,43 @@ def _manifest(histogram: list[int]) -> TeacherManifest:
     )
 
 
-def _prior_an_owner_steps_with(prior: str, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor | None:
-    cfg = _config(prior)
+def _recorded_step(synthesizer, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every call's keyword arguments to ``synthesizer.step``, which still runs."""
+    calls: list[dict] = []
+    original = synthesizer.step
+    monkeypatch.setattr(synthesizer, "step", lambda **kwargs: calls.append(kwargs) or original(**kwargs))
+    return calls
+
+
+def _owner_step(cfg, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The keyword arguments of the one generator step an owner with SKEWED data takes."""
     host = TeacherHost(cfg, _teacher(), _manifest(SKEWED), INFO)
-    seen = []
-    original = host.synthesizer.step
-
-    def recording_step(**kwargs):
-        seen.append(kwargs.get("class_prior"))
-        return original(**kwargs)
-
-    monkeypatch.setattr(host.synthesizer, "step", recording_step)
+    calls = _recorded_step(host.synthesizer, monkeypatch)
     instruction, _ = FederatedServer(cfg, INFO).plan_round()
     assert not isinstance(host.serve(instruction), RefusalData)
-    assert len(seen) == 1
-    return seen[0]
+    assert len(calls) == 1
+    return calls[0]
+
+
+OTHER = [0, 0, 5, 0, 0, 0, 0, 0, 0, 5]
+
+
+def _central_step(cfg, monkeypatch: pytest.MonkeyPatch) -> tuple[CentralDistillation, dict]:
+    """A central loop over two teachers (SKEWED and OTHER data) and its one round's step arguments."""
+    central = CentralDistillation(cfg, [_teacher(0), _teacher(1)], INFO,
+                                  teacher_weights=[[float(c) for c in SKEWED], [float(c) for c in OTHER]])
+    calls = _recorded_step(central.synthesizer, monkeypatch)
+    central.run_round()
+    assert len(calls) == 1
+    return central, calls[0]
 
 
 def test_an_owner_steps_with_its_own_histogram_and_the_centre_with_the_summed_ones(monkeypatch) -> None:
-    assert _prior_an_owner_steps_with("teacher", monkeypatch).tolist() == [91, 11, 1, 1, 1, 1, 1, 1, 1, 1]
-    assert _prior_an_owner_steps_with("uniform", monkeypatch) is None
-    other = [0, 0, 5, 0, 0, 0, 0, 0, 0, 5]
-    central = CentralDistillation(_config(), [_teacher(0), _teacher(1)], INFO,
-                                  teacher_weights=[[float(c) for c in SKEWED], [float(c) for c in other]])
+    assert _owner_step(_config("teacher"), monkeypatch)["class_prior"].tolist() == [91, 11, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert _owner_step(_config("uniform"), monkeypatch)["class_prior"] is None
+    central, step = _central_step(_config(), monkeypatch)
     assert central.class_prior.tolist() == [91, 11, 6, 1, 1, 1, 1, 1, 1, 6]
-    seen = []
-    original = central.synthesizer.step
-    monkeypatch.setattr(central.synthesizer, "step",
-                        lambda **kwargs: seen.append(kwargs.get("class_prior")) or original(**kwargs))
-    central.run_round()
-    assert [prior.tolist() for prior in seen] == [[91, 11, 6, 1, 1, 1, 1, 1, 1, 6]]
+    assert step["class_prior"].tolist() == [91, 11, 6, 1, 1, 1, 1, 1, 1, 6]
     with pytest.raises(ValueError, match="histograms"):
         CentralDistillation(_config(), [_teacher()], INFO)
 
@@ -149,3 +159,43 @@ def test_the_teacher_prior_is_refused_where_no_owner_histogram_steers_g(federati
     assert message in str(error.value)
     with pytest.raises(ConfigError, match="method.class_balance_prior"):
         _config("balanced")
+
+
+def test_the_objective_s_one_hot_term_is_the_adjusted_loss() -> None:
+    cfg = _config("uniform", one_hot_prior_adjustment=0.5)
+    synthesizer = build_synthesizer(cfg.method, cfg.curriculum, batch_size=16, teacher_feature_dim=128,
+                                    student_feature_dim=64, seed=0)
+    teacher = _teacher()
+    images = torch.rand(16, 1, 8, 8)
+    counts = torch.tensor(SKEWED, dtype=torch.float32)
+    weights = synthesizer.term_weights(Progress(0.0, 0))
+    kwargs = dict(teacher=teacher, student=build_student(cfg, INFO), images=images,
+                  progress=Progress(0.0, 0), weights=weights)
+    _, terms, _ = synthesizer.objective(**kwargs, class_counts=counts)
+    expected = prior_adjusted_cross_entropy(teacher(images), None, class_counts=counts, strength=0.5)
+    torch.testing.assert_close(terms["one_hot"], expected)
+    with pytest.raises(ValueError, match="class counts"):
+        synthesizer.objective(**kwargs)
+
+
+def test_an_owner_adjusts_by_its_own_histogram_and_the_centre_by_the_summed_ones(monkeypatch) -> None:
+    cfg = _config("uniform", one_hot_prior_adjustment=1.0)
+    assert _owner_step(cfg, monkeypatch)["class_counts"].tolist() == SKEWED
+    _, step = _central_step(cfg, monkeypatch)
+    assert step["class_counts"].tolist() == [90, 10, 5, 0, 0, 0, 0, 0, 0, 5]
+    with pytest.raises(ValueError, match="histograms"):
+        CentralDistillation(cfg, [_teacher()], INFO)
+    # Off: no counts are needed and none are passed.
+    assert CentralDistillation(_config("uniform"), [_teacher()], INFO).class_counts is None
+
+
+@pytest.mark.parametrize("adjustment, federation, privacy, message", [
+    (-1.0, None, None, ">= 0"),
+    (float("inf"), None, None, "finite"),
+    (1.0, {"mode": "logits_only"}, None, "generator_and_logits"),
+    (1.0, None, {"level": "record", "target_epsilon": 1.0, "summary": False}, "privacy.summary: true"),
+])
+def test_the_adjustment_is_refused_where_it_cannot_act(adjustment, federation, privacy, message) -> None:
+    with pytest.raises(ConfigError, match="method.one_hot_prior_adjustment") as error:
+        _config("uniform", federation=federation, privacy=privacy, one_hot_prior_adjustment=adjustment)
+    assert message in str(error.value)
