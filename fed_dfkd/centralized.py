@@ -60,25 +60,24 @@ class CentralDistillation:
             teacher_feature_dim=self.teacher.feature_dim,
             student_feature_dim=self.student.feature_dim, seed=cfg.runtime.seed,
         )
+        # What the teachers' class histograms steer in G's objective (their sum: the data of
+        # several teachers together).
+        m = cfg.method
         self.class_prior = None
         self.class_counts = None
-        if cfg.method.one_hot_prior_adjustment:
+        if m.class_balance_prior != "uniform" or m.one_hot_prior_adjustment:
             histograms = self.teacher_weights
             if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
-                raise ValueError("method.one_hot_prior_adjustment needs the teachers' class histograms "
-                                 "as teacher_weights")
-            # The data of several teachers together: their summed histograms.
-            self.class_counts = torch.tensor(
-                [[float(c) for c in row] for row in histograms], device=self.device  # type: ignore[union-attr]
-            ).sum(dim=0)
-        if cfg.method.class_balance_prior != "uniform":
-            histograms = self.teacher_weights
-            if histograms is None or not all(isinstance(row, Sequence) for row in histograms):
-                raise ValueError("method.class_balance_prior: teacher needs the teachers' class histograms "
-                                 "as teacher_weights")
-            self.class_prior = teacher_class_prior(
-                histograms, cfg.method, device=self.device  # type: ignore[arg-type]
-            )
+                raise ValueError("method.class_balance_prior: teacher and method.one_hot_prior_adjustment "
+                                 "need the teachers' class histograms as teacher_weights")
+            if m.class_balance_prior != "uniform":
+                self.class_prior = teacher_class_prior(
+                    histograms, m, device=self.device  # type: ignore[arg-type]
+                )
+            if m.one_hot_prior_adjustment:
+                self.class_counts = torch.tensor(
+                    [[float(c) for c in row] for row in histograms], device=self.device  # type: ignore[union-attr]
+                ).sum(dim=0)
         self.last_samples: torch.Tensor | None = None
 
     @property
