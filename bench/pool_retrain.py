@@ -20,7 +20,8 @@ hard_samples / batch_size batches of every round's entry but round 1's), keeping
 generators drew: the same run's pool without them. ``--relabel RULE`` replaces the pool's targets
 by the ``--teachers`` folder's teachers' logits on the pool's images, combined by ``distill.ensemble``
 rule RULE with their manifests' class histograms (any teachers: the pool's own, or another
-federation's, to compare rules on fixed samples). One line per 10 chunks of
+federation's, to compare rules on fixed samples); with ``distill.relabel_augmented`` those teachers
+also label the fit's augmented batches. One line per 10 chunks of
 ``student_steps``: the test accuracy. With the run's settings (no ``--temperature``, ``--select all``) and the
 checkpoint of a run with ``distill.final_fit_steps``, it redoes that run's final fit on the same pool: the same
 initialisation and the same draws, so the last line is the run's final student accuracy (the pool then already
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -90,14 +92,17 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
     return torch.cat(images), torch.cat(targets)
 
 
-def relabel(images: torch.Tensor, teachers: Path, num_clients: int, rule: str) -> torch.Tensor:
-    """The owners' teachers' logits on ``images``, combined by ``rule`` with their class histograms."""
-    logits, counts = [], []
-    for owner in range(num_clients):
-        model, manifest = load_teacher(teachers / f"client_{owner}.pt")
-        logits.append(predict_logits(model, as_float_images(images), batch_size=2048))
-        counts.append(manifest.class_histogram)
-    return aggregate_logits(torch.stack(logits), rule=rule, weights=counts)
+def relabeller(teachers: Path, num_clients: int, rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of images (uint8 or float in [0, 1]): the owners' teachers' logits on them,
+    combined by ``rule`` with their class histograms."""
+    loaded = [load_teacher(teachers / f"client_{owner}.pt") for owner in range(num_clients)]
+    counts = [manifest.class_histogram for _, manifest in loaded]
+
+    def label(images: torch.Tensor) -> torch.Tensor:
+        logits = [predict_logits(model, as_float_images(images), batch_size=2048) for model, _ in loaded]
+        return aggregate_logits(torch.stack(logits), rule=rule, weights=counts)
+
+    return label
 
 
 def main() -> None:
@@ -127,10 +132,15 @@ def main() -> None:
     steps = args.steps or d.final_fit_steps or 2400
     splits = load_experiment_data(cfg)
     images, targets = pool(args.run, args.teachers, args.select)
+    label = None
+    if d.relabel_augmented and args.relabel is None:
+        raise SystemExit("pool_retrain.py: the run relabels its augmented batches "
+                         "(distill.relabel_augmented): pass --teachers and --relabel RULE")
     if args.relabel is not None:
         if args.teachers is None:
             raise SystemExit("pool_retrain.py: --relabel needs --teachers")
-        targets = relabel(images, args.teachers, cfg.federation.num_clients, args.relabel)
+        label = relabeller(args.teachers, cfg.federation.num_clients, args.relabel)
+        targets = label(images)
         print(f"relabelled by {args.relabel}: mean top probability "
               f"{float(targets.softmax(1).max(1).values.mean()):.3f}", flush=True)
     labels = targets.argmax(1)
@@ -150,7 +160,8 @@ def main() -> None:
                   f"test accuracy {score:.4f}", flush=True)
 
     # The run's own final fit (Coordinator.final_fit) on the same pool: the same draws.
-    fit_fresh_student(cfg, splits.info, images, targets, steps=steps, weights=weights, after_chunk=report)
+    fit_fresh_student(cfg, splits.info, images, targets, steps=steps, weights=weights, after_chunk=report,
+                      relabel=label)
 
 
 if __name__ == "__main__":

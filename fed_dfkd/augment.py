@@ -13,6 +13,7 @@ by default.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,3 +57,27 @@ def augment_batches(
     if flip:
         flat = random_flip(flat, generator=generator)
     return flat.reshape(batches.shape)
+
+
+
+def mixup_batches(
+    batches: Tensor, targets: Tensor, *, alpha: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """MixUp within each batch of float images ``[steps, B, C, H, W]``: image i becomes
+    λ_i·x_i + (1 − λ_i)·x_π(i), with π a random permutation of the batch and λ_i drawn from
+    Beta(``alpha``, ``alpha``), both from ``generator`` (torch's Beta sampler takes no generator,
+    so λ comes from a NumPy stream seeded by it). ``targets`` ``[steps, B, K]`` (logits) are
+    blended with the same λ_i and π: a first-order stand-in for the teachers' answer on the
+    blend, which ``distill.relabel_augmented`` replaces by the answer itself."""
+    steps, batch = batches.shape[:2]
+    perm = torch.argsort(torch.rand(steps, batch, generator=generator, device=generator.device), dim=1)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=(steps, batch)))
+    perm = perm.to(batches.device)
+    image_shape = (steps, batch) + (1,) * (batches.dim() - 2)
+    partner = torch.gather(batches, 1, perm.view(image_shape).expand_as(batches))
+    partner_targets = torch.gather(targets, 1, perm[..., None].expand_as(targets))
+    image_lam = lam.to(batches.device, batches.dtype).view(image_shape)
+    target_lam = lam.to(targets.device, targets.dtype)[..., None]
+    return (image_lam * batches + (1 - image_lam) * partner,
+            target_lam * targets + (1 - target_lam) * partner_targets)

@@ -119,7 +119,7 @@ class CentralDistillation:
             rng=make_rng(self.cfg.runtime.seed, "generator-steps", r, device=self.device),
             latents=c.step_latents(), class_prior=self.class_prior, class_counts=self.class_counts,
         )
-        student = c.train_student(samples, targets)
+        student = c.train_student(samples, targets, relabel=self.teacher_targets)
         c.end_round()
         self.last_samples = samples[0]
         return round_metrics(r, progress, synthesis=synthesis_metrics(synthesis), student=student,

@@ -197,6 +197,14 @@ class DistillConfig:
     # targets are those of the unaugmented samples; no extra query or byte.
     augment_shift: int = 0
     augment_flip: bool = False
+    # MixUp of the student's batches (fed_dfkd/augment.py, mixup_batches): each image blended
+    # with another of its batch, the weight drawn from Beta(mixup, mixup) per image (0: off).
+    # The target is the same blend of the two targets' logits unless relabel_augmented.
+    mixup: float = 0.0
+    # The teachers label the augmented (shifted, mirrored, mixed) images themselves at every
+    # student step, instead of the images' stored targets: "function matching". Needs the
+    # teachers in the server's process, so only `fed-dfkd distill`.
+    relabel_augmented: bool = False
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -694,6 +702,11 @@ def _check(cfg: ExperimentConfig) -> None:
              "must be >= 1 or null")
     _require(di.replay_rounds >= 0, "distill.replay_rounds", "must be >= 0")
     _require(di.augment_shift >= 0, "distill.augment_shift", "must be >= 0 (pixels)")
+    _require(math.isfinite(di.mixup) and di.mixup >= 0, "distill.mixup",
+             "must be a finite number >= 0 (the Beta concentration; 0: off)")
+    _require(not di.relabel_augmented or di.augment_shift or di.augment_flip or di.mixup,
+             "distill.relabel_augmented",
+             "relabels augmented images: set distill.augment_shift, augment_flip or mixup too")
     _require(di.lr > 0, "distill.lr", "must be > 0")
     _require(di.momentum >= 0, "distill.momentum", "must be >= 0")
     _require(di.weight_decay >= 0, "distill.weight_decay", "must be >= 0")

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fed_dfkd.augment import augment_batches
-from fed_dfkd.config import ExperimentConfig
+from fed_dfkd.augment import augment_batches, mixup_batches
+from fed_dfkd.config import DistillConfig, ExperimentConfig
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer, fit_student
 from fed_dfkd.hard_samples import perturb_towards_errors
@@ -57,6 +57,27 @@ def float_state(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
+def mix_and_relabel(
+    images: Tensor,
+    targets: Tensor,
+    distill: DistillConfig,
+    *,
+    generator: torch.Generator,
+    relabel: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """The student's float batches ``[steps, B, C, H, W]`` and targets ``[steps, B, K]`` after
+    ``distill.mixup`` (:func:`~fed_dfkd.augment.mixup_batches`, from ``generator``) and, with
+    ``distill.relabel_augmented``, with the targets replaced by ``relabel`` of the images (the
+    aggregated teacher logits ``[N, K]`` of float images ``[N, C, H, W]``)."""
+    if distill.mixup:
+        images, targets = mixup_batches(images, targets, alpha=distill.mixup, generator=generator)
+    if distill.relabel_augmented:
+        if relabel is None:
+            raise ValueError("distill.relabel_augmented needs the teachers: pass relabel")
+        targets = relabel(images.flatten(0, 1)).view(*targets.shape[:2], -1).to(targets.dtype)
+    return images, targets
+
+
 def fit_fresh_student(
     cfg: ExperimentConfig,
     info: DatasetInfo,
@@ -66,6 +87,7 @@ def fit_fresh_student(
     steps: int,
     device: torch.device | str = "cpu",
     weights: Tensor | None = None,
+    relabel: Callable[[Tensor], Tensor] | None = None,
     after_chunk: Callable[[StudentTrainer, int, int], None] | None = None,
 ) -> tuple[StudentTrainer, dict[str, float]]:
     """A fresh student (the run's seeded initialisation, its own optimizer, a cosine and
@@ -74,7 +96,9 @@ def fit_fresh_student(
     augmentation settings and the seeded ``"final-fit"`` streams: the final fit of a run, and
     what ``bench/pool_retrain.py`` redoes. Returns the trainer (its ``student``) and the last
     chunk's report. ``distill.final_fit_target_temperature``, when set, replaces the targets'
-    temperature for the fit."""
+    temperature for the fit. ``distill.mixup`` and ``distill.relabel_augmented`` (with
+    ``relabel``, as in :meth:`Coordinator.train_student`) act on the fit's batches as on a
+    round's, from the ``"final-fit-mixup"`` stream."""
     d, seed = cfg.distill, cfg.runtime.seed
     if d.final_fit_target_temperature is not None:
         d = dataclasses.replace(d, target_temperature=d.final_fit_target_temperature)
@@ -84,10 +108,16 @@ def fit_fresh_student(
     def transform(batches: Tensor, _: int) -> Tensor:
         return augment_batches(batches, shift=d.augment_shift, flip=d.augment_flip, generator=augment)
 
+    mixing = make_rng(seed, "final-fit-mixup")
+
+    def mix(batches: Tensor, batch_targets: Tensor, _: int) -> tuple[Tensor, Tensor]:
+        return mix_and_relabel(batches, batch_targets, d, generator=mixing, relabel=relabel)
+
     report = fit_student(
         trainer, images, targets, steps=steps, chunk=d.student_steps, batch_size=d.batch_size,
         rng=make_rng(seed, "final-fit"), weights=weights,
         transform=transform if d.augment_shift or d.augment_flip else None,
+        mix=mix if d.mixup or d.relabel_augmented else None,
         after_chunk=None if after_chunk is None else lambda i, n: after_chunk(trainer, i, n))
     return trainer, report
 
@@ -191,26 +221,33 @@ class Coordinator:
             target_temperature=d.target_temperature)
         return hard.view(d.hard_samples // d.batch_size, d.batch_size, *hard.shape[1:])
 
-    def train_student(self, samples: Tensor, targets: Tensor) -> dict[str, float]:
-        """Student steps on this round's labelled batches (and the replayed ones)."""
+    def train_student(
+        self, samples: Tensor, targets: Tensor, *, relabel: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float]:
+        """Student steps on this round's labelled batches (and the replayed ones).
+
+        ``relabel`` (``distill.relabel_augmented``): the aggregated teacher logits ``[N, K]`` of
+        float images ``[N, C, H, W]``; the augmented batches get those instead of their stored
+        targets. Only the centralised loop, which holds the teachers, can pass it.
+        """
         steps, batch = samples.shape[:2]
         self.replay.add(samples, targets.view(steps, batch, -1))
-        d = self.cfg.distill
-        images, labels = self.replay.schedule(
-            d.student_steps, rng=make_rng(self.cfg.runtime.seed, "replay", self.round)
-        )
+        d, seed = self.cfg.distill, self.cfg.runtime.seed
+        images, labels = self.replay.schedule(d.student_steps, rng=make_rng(seed, "replay", self.round))
         if d.augment_shift or d.augment_flip:
             images = augment_batches(
                 images, shift=d.augment_shift, flip=d.augment_flip,
-                generator=make_rng(self.cfg.runtime.seed, "student-augment", self.round),
+                generator=make_rng(seed, "student-augment", self.round),
             )
-        report = self.trainer.train_round(as_float_images(images).to(self.device),
-                                          labels.to(self.device), self.progress)
+        images, labels = mix_and_relabel(
+            as_float_images(images).to(self.device), labels.to(self.device), d,
+            generator=make_rng(seed, "student-mixup", self.round), relabel=relabel)
+        report = self.trainer.train_round(images, labels, self.progress)
         if d.final_fit_steps and self.round + 1 == self.total_rounds:
-            report.update(self.final_fit())
+            report.update(self.final_fit(relabel=relabel))
         return report
 
-    def final_fit(self) -> dict[str, float]:
+    def final_fit(self, *, relabel: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         """``distill.final_fit_steps``: the student is replaced by :func:`fit_fresh_student` on
         every sample of the replay buffer (the whole pool with a large ``replay_rounds``).
 
@@ -219,7 +256,8 @@ class Coordinator:
         """
         images, targets = self.replay.samples()
         trainer, report = fit_fresh_student(self.cfg, self.info, images, targets,
-                                            steps=self.cfg.distill.final_fit_steps, device=self.device)
+                                            steps=self.cfg.distill.final_fit_steps, device=self.device,
+                                            relabel=relabel)
         self.pre_fit_student = copy.deepcopy(self.evaluated_student)
         self.student.load_state_dict(trainer.student.state_dict())
         self.trainer.load_state_dict(trainer.state_dict())

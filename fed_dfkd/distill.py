@@ -114,6 +114,7 @@ def fit_student(
     rng: torch.Generator,
     weights: Tensor | None = None,
     transform: Callable[[Tensor, int], Tensor] | None = None,
+    mix: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = None,
     after_chunk: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Train ``trainer``'s student for ``steps`` steps on a fixed labelled pool.
@@ -123,7 +124,9 @@ def fit_student(
     ``weights``) with ``rng``. The steps go in chunks of ``chunk``, and chunk i of n runs at
     progress i/n, so the cosine learning rate and the self-paced pace span the fit as they span
     a run's rounds. ``transform(batches, i)`` (augmentation) sees each chunk's batches
-    ``[chunk, B, C, H, W]`` before training; ``after_chunk(i, n)`` runs after chunk i.
+    ``[chunk, B, C, H, W]`` before training, ``mix(images, targets, i)`` (MixUp, relabelling)
+    then sees them as float images on the student's device with their targets and returns the
+    pair to train on; ``after_chunk(i, n)`` runs after chunk i.
     Returns the last chunk's mean report.
     """
     if steps < 1 or chunk < 1:
@@ -141,8 +144,10 @@ def fit_student(
         batches = images[index]
         if transform is not None:
             batches = transform(batches, i)
-        report = trainer.train_round(as_float_images(batches).to(device), targets[index].to(device),
-                                     Progress.of_round(i, chunks))
+        batch_images, batch_targets = as_float_images(batches).to(device), targets[index].to(device)
+        if mix is not None:
+            batch_images, batch_targets = mix(batch_images, batch_targets, i)
+        report = trainer.train_round(batch_images, batch_targets, Progress.of_round(i, chunks))
         if after_chunk is not None:
             after_chunk(i, chunks)
     return report

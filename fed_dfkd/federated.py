@@ -78,6 +78,12 @@ class FederatedServer:
 
             raise UserError("distill.quantize_samples must be true for a federation: pseudo-samples "
                             "travel as uint8 so every party sees the same tensor")
+        if cfg.distill.relabel_augmented:
+            from fed_dfkd.errors import UserError
+
+            raise UserError("distill.relabel_augmented needs the teachers in the server's process: "
+                            "only `fed-dfkd distill` has them (a federation's teachers answer once "
+                            "per round, on the round's samples)")
         self.cfg, self.info = cfg, info
         self.coordinator = Coordinator(cfg, info, device=device)
         self.config_key = resume_key(cfg)

@@ -8,3 +8,26 @@ test runs single-threaded.
 import torch
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def student_batches(monkeypatch):
+    """``student_batches(coordinator, samples, targets, relabel=None)``: the (images, targets)
+    the coordinator's trainer receives for one round of :meth:`Coordinator.train_student`."""
+
+    def run(coordinator, samples, targets, relabel=None):
+        seen = []
+        original = coordinator.trainer.train_round
+
+        def recording(images, labels, progress):
+            seen.append((images.clone(), labels.clone()))
+            return original(images, labels, progress)
+
+        monkeypatch.setattr(coordinator.trainer, "train_round", recording)
+        coordinator.train_student(samples, targets, relabel=relabel)
+        return seen[0]
+
+    return run

@@ -82,26 +82,10 @@ def _coordinator(**distill) -> Coordinator:
     return Coordinator(config_from_dict(raw), info)
 
 
-def _batches_seen(coordinator: Coordinator, samples: torch.Tensor, targets: torch.Tensor,
-                  monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (images, targets) the student's trainer receives for one round."""
-    seen = []
-    original = coordinator.trainer.train_round
-
-    def recording(images, labels, progress):
-        seen.append((images.clone(), labels.clone()))
-        return original(images, labels, progress)
-
-    monkeypatch.setattr(coordinator.trainer, "train_round", recording)
-    coordinator.train_student(samples, targets)
-    return seen[0]
-
-
-def test_the_student_trains_on_the_augmented_batches_with_the_same_targets(monkeypatch) -> None:
+def test_the_student_trains_on_the_augmented_batches_with_the_same_targets(student_batches) -> None:
     samples = torch.randint(0, 256, (2, 8, 1, 8, 8), dtype=torch.uint8)
     targets = torch.randn(2, 8, 10)
-    images, labels = _batches_seen(_coordinator(augment_shift=2, augment_flip=True), samples,
-                                   targets, monkeypatch)
+    images, labels = student_batches(_coordinator(augment_shift=2, augment_flip=True), samples, targets)
     assert torch.equal(labels, targets)  # targets are the unaugmented samples' own
     assert not torch.equal(images, samples.float() / 255)  # but the images moved
     # Each image is a shifted (zero-filled) or mirrored copy: its pixels come from its sample.
@@ -109,10 +93,10 @@ def test_the_student_trains_on_the_augmented_batches_with_the_same_targets(monke
         assert set(image.unique().tolist()) <= set(sample.unique().tolist()) | {0.0}
 
 
-def test_without_augmentation_the_student_sees_the_samples_unchanged(monkeypatch) -> None:
+def test_without_augmentation_the_student_sees_the_samples_unchanged(student_batches) -> None:
     samples = torch.randint(0, 256, (2, 8, 1, 8, 8), dtype=torch.uint8)
     targets = torch.randn(2, 8, 10)
-    images, labels = _batches_seen(_coordinator(), samples, targets, monkeypatch)
+    images, labels = student_batches(_coordinator(), samples, targets)
     assert torch.equal(images, samples.float() / 255) and torch.equal(labels, targets)
 
 
