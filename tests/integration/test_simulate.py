@@ -240,7 +240,7 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     retrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(retrain)
     images, stored = retrain.pool(whole, None, "all")
-    again = retrain.relabel(images, teachers / "teachers", 3, "class_weighted")
+    again = retrain.relabeller(teachers / "teachers", 3, "class_weighted")(images)
     assert torch.allclose(again.exp(), stored.float().exp(), atol=2e-3)
     done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
                            "--teachers", str(teachers / "teachers"), "--relabel", "consensus",
