@@ -59,7 +59,6 @@ def augment_batches(
     return flat.reshape(batches.shape)
 
 
-
 def mixup_batches(
     batches: Tensor, targets: Tensor, *, alpha: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:

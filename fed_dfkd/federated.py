@@ -71,19 +71,24 @@ def teacher_weights(updates: Sequence[ClientUpdate]) -> list[list[float]] | list
     return [float(max(u.report.train_size, 1)) for u in updates]
 
 
+def check_federation_settings(cfg: ExperimentConfig) -> None:
+    """Refuse, with a :class:`~fed_dfkd.errors.UserError`, settings that only `fed-dfkd distill`
+    can run. Called by :class:`FederatedServer` and, before any teacher is pretrained, by the
+    commands that start a federation."""
+    from fed_dfkd.errors import UserError
+
+    if not cfg.distill.quantize_samples:
+        raise UserError("distill.quantize_samples must be true for a federation: pseudo-samples "
+                        "travel as uint8 so every party sees the same tensor")
+    if cfg.distill.relabel_augmented:
+        raise UserError("distill.relabel_augmented needs the teachers in the server's process: "
+                        "only `fed-dfkd distill` has them (a federation's teachers answer once "
+                        "per round, on the round's samples)")
+
+
 class FederatedServer:
     def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
-        if not cfg.distill.quantize_samples:
-            from fed_dfkd.errors import UserError
-
-            raise UserError("distill.quantize_samples must be true for a federation: pseudo-samples "
-                            "travel as uint8 so every party sees the same tensor")
-        if cfg.distill.relabel_augmented:
-            from fed_dfkd.errors import UserError
-
-            raise UserError("distill.relabel_augmented needs the teachers in the server's process: "
-                            "only `fed-dfkd distill` has them (a federation's teachers answer once "
-                            "per round, on the round's samples)")
+        check_federation_settings(cfg)
         self.cfg, self.info = cfg, info
         self.coordinator = Coordinator(cfg, info, device=device)
         self.config_key = resume_key(cfg)

@@ -67,7 +67,7 @@ from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig, dump_config, load_config
 from fed_dfkd.errors import UserError
 from fed_dfkd.evaluation import Evaluator, evaluate_round, predict_logits
-from fed_dfkd.federated import FederatedServer, teacher_weights
+from fed_dfkd.federated import FederatedServer, check_federation_settings, teacher_weights
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.privacy.client_level import sampled_per_round
 from fed_dfkd.progress import RoundProgress
@@ -186,8 +186,11 @@ def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool) -> tuple[RunDire
     """The run folder and its checkpoint, with the rules of ``fed-dfkd distill``.
 
     A folder that holds a run needs ``resume``; ``resume`` needs a checkpoint made under the same
-    :func:`~fed_dfkd.runtime.resume_key`. Anything else is a :class:`UserError`.
+    :func:`~fed_dfkd.runtime.resume_key`. Settings a federation cannot run are refused here
+    too (:func:`~fed_dfkd.federated.check_federation_settings`), before any teacher is pretrained.
+    Anything else is a :class:`UserError`.
     """
+    check_federation_settings(cfg)
     run_dir = RunDirectory(out)
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None and not resume:

@@ -5,12 +5,10 @@ Torch defaults to one thread per core; with two test processes (or a test and a 
 test runs single-threaded.
 """
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -155,6 +155,15 @@ def test_simulate_with_teachers_of_another_dataset_stops_before_the_federation(t
     assert "client_0.pt does not fit data.dataset 'digits'" in line and "'kmnist'" in line
 
 
+def test_simulate_refuses_what_only_distill_can_run_before_pretraining_a_teacher(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["simulate", "--config", str(QUICKSTART), "--out", str(out),
+            *set_args([*FAST, "distill.mixup=1", "distill.relabel_augmented=true"])]
+    assert main(argv) == 2
+    assert "distill.relabel_augmented needs the teachers in the server's process" in error_line(capsys, "simulate")
+    assert not (out / "teachers").exists()
+
+
 # --- devices ----------------------------------------------------------------------------------
 
 
