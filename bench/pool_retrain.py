@@ -15,13 +15,15 @@ leaves that key null, ``--set distill.target_temperature=τ`` does the same; whe
 asked for (a ``federation.generators: per_owner`` run in which every owner replied every round;
 the classes are recomputed from each owner's manifest). ``--select balanced`` draws the
 student's batches with weights inversely proportional to the count of their ensemble label.
-``--select generated`` drops a ``distill.hard_samples`` run's hard samples (the last
-hard_samples / batch_size batches of every round's entry but round 1's), keeping what the
-generators drew: the same run's pool without them. ``--relabel RULE`` replaces the pool's targets
+``--select generated`` drops a run's query batches, its ``distill.hard_samples`` and
+``distill.mixup_queries`` (the last (hard_samples + mixup_queries) / batch_size batches of every
+round's entry but round 1's), keeping what the generators drew: the same run's pool without them. ``--relabel RULE`` replaces the pool's targets
 by the ``--teachers`` folder's teachers' logits on the pool's images, combined by ``distill.ensemble``
 rule RULE with their manifests' class histograms (any teachers: the pool's own, or another
 federation's, to compare rules on fixed samples); with ``distill.relabel_augmented`` those teachers
-also label the fit's augmented batches. One line per 10 chunks of
+also label the fit's augmented batches. ``--mixup-queries N`` (with ``--relabel``) appends N
+blends of random pool pairs labelled once by those teachers: what ``distill.mixup_queries`` asks the
+owners over a run, here all at once. One line per 10 chunks of
 ``student_steps``: the test accuracy. With the run's settings (no ``--temperature``, ``--select all``) and the
 checkpoint of a run with ``distill.final_fit_steps``, it redoes that run's final fit on the same pool: the same
 initialisation and the same draws, so the last line is the run's final student accuracy (the pool then already
@@ -37,6 +39,7 @@ from typing import Callable
 import torch
 
 from fed_dfkd.aggregation import LOGIT_RULES, aggregate_logits
+from fed_dfkd.augment import blend_pairs
 from fed_dfkd.config import load_config
 from fed_dfkd.coordinator import build_pseudo_generator, fit_fresh_student
 from fed_dfkd.data import dataset_info
@@ -58,16 +61,16 @@ def pool(run: Path, teachers: Path | None, select: str) -> tuple[torch.Tensor, t
     owners = sorted(state["server"].get("owner_generators", {})) if "server" in state else []
     generator = build_pseudo_generator(cfg, dataset_info(cfg.data.dataset))
     manifests = {}
-    hard_rows = cfg.distill.hard_samples // cfg.distill.batch_size
+    query_rows = (cfg.distill.hard_samples + cfg.distill.mixup_queries) // cfg.distill.batch_size
     entries = coordinator["replay"]["entries"]
     first_round = int(coordinator["round"]) - len(entries)  # a bounded buffer drops early rounds
     for entry, (batch_images, batch_targets) in enumerate(entries):
         round_index = first_round + entry
         rows = batch_images.shape[0]
         if select == "generated" and round_index > 0:
-            if not hard_rows:
-                raise SystemExit("--select generated needs a run with distill.hard_samples")
-            rows -= hard_rows
+            if not query_rows:
+                raise SystemExit("--select generated needs a run with distill.hard_samples or mixup_queries")
+            rows -= query_rows
         for row in range(rows):
             keep = torch.ones(batch_images.shape[1], dtype=torch.bool)
             if select == "agree":
@@ -112,6 +115,11 @@ def main() -> None:
     parser.add_argument("--select", choices=("all", "agree", "balanced", "generated"), default="all")
     parser.add_argument("--relabel", choices=LOGIT_RULES, help="label the pool again with the "
                         "--teachers folder's teachers, combined by this rule")
+    parser.add_argument("--mixup-queries", type=int, default=0, metavar="N",
+                        help="append N blends of random pool pairs (distill.mixup_queries' blends), "
+                        "labelled once by the --relabel teachers")
+    parser.add_argument("--mixup-query-alpha", type=float, default=1.0, metavar="A",
+                        help="their blend weights: Beta(A, A) (default 1: uniform)")
     parser.add_argument("--steps", type=int, help="student steps in all (default: the run's "
                         "distill.final_fit_steps, else 2400)")
     parser.add_argument("--temperature", type=float, help="KD temperature (default: the run's)")
@@ -143,6 +151,12 @@ def main() -> None:
         targets = label(images)
         print(f"relabelled by {args.relabel}: mean top probability "
               f"{float(targets.softmax(1).max(1).values.mean()):.3f}", flush=True)
+    if args.mixup_queries:
+        if label is None:
+            raise SystemExit("pool_retrain.py: --mixup-queries needs --relabel RULE (the teachers label the blends)")
+        blends = blend_pairs(images, args.mixup_queries, alpha=args.mixup_query_alpha,
+                             generator=torch.Generator().manual_seed(cfg.runtime.seed))
+        images, targets = torch.cat([images, blends]), torch.cat([targets, label(blends).to(targets.dtype)])
     labels = targets.argmax(1)
     print(f"pool {len(images)} samples, ensemble labels per class "
           f"{torch.bincount(labels, minlength=splits.info.num_classes).tolist()}", flush=True)

@@ -70,8 +70,7 @@ def mixup_batches(
     blend, which ``distill.relabel_augmented`` replaces by the answer itself."""
     steps, batch = batches.shape[:2]
     perm = torch.argsort(torch.rand(steps, batch, generator=generator, device=generator.device), dim=1)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=(steps, batch)))
+    lam = beta_draws(alpha, (steps, batch), generator=generator)
     perm = perm.to(batches.device)
     image_shape = (steps, batch) + (1,) * (batches.dim() - 2)
     partner = torch.gather(batches, 1, perm.view(image_shape).expand_as(batches))
@@ -80,3 +79,32 @@ def mixup_batches(
     target_lam = lam.to(targets.device, targets.dtype)[..., None]
     return (image_lam * batches + (1 - image_lam) * partner,
             target_lam * targets + (1 - target_lam) * partner_targets)
+
+
+def beta_draws(alpha: float, shape: tuple[int, ...], *, generator: torch.Generator) -> Tensor:
+    """λ ~ Beta(``alpha``, ``alpha``) of ``shape`` (float64), from a NumPy stream seeded by one
+    draw of ``generator`` (torch's Beta sampler takes no generator)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=shape))
+
+
+def blend_pairs(images: Tensor, count: int, *, alpha: float, generator: torch.Generator) -> Tensor:
+    """``count`` blends λ·x_i + (1 − λ)·x_j of pairs of ``images`` ``[N, C, H, W]``: i uniform
+    over the N, j uniform over the others (j ≠ i once N > 1), λ ~ Beta(``alpha``, ``alpha``),
+    all from ``generator``. uint8 images give uint8 blends (rounded to the nearest level, as
+    they would travel), floats give floats. ``distill.mixup_queries``: new samples for the
+    teachers to label, not a label-preserving augmentation."""
+    n = images.shape[0]
+    if n < 1 or count < 0 or alpha <= 0:
+        raise ValueError(f"need images, count >= 0 and alpha > 0; got {n} images, {count}, {alpha}")
+    first = torch.randint(n, (count,), generator=generator, device=generator.device)
+    offset = torch.randint(1, n, (count,), generator=generator, device=generator.device) if n > 1 \
+        else torch.zeros(count, dtype=torch.long, device=generator.device)
+    second = (first + offset) % n
+    lam = beta_draws(alpha, (count,), generator=generator).to(torch.float32)
+    lam = lam.view(count, *([1] * (images.dim() - 1))).to(images.device)
+    first, second = first.to(images.device), second.to(images.device)
+    quantized = images.dtype == torch.uint8
+    x = images.to(torch.float32) / 255.0 if quantized else images
+    blends = lam * x[first] + (1 - lam) * x[second].to(x.dtype)
+    return (blends.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8) if quantized else blends

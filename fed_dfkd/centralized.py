@@ -4,8 +4,9 @@ One round here is one federated round (DESIGN.md §3) with every teacher in one 
 same order and with the same random streams (:class:`~fed_dfkd.coordinator.Coordinator`):
 
 1. draw the round's pseudo-batches X from G (eval mode, uint8 when ``distill.quantize_samples``),
-   with ``distill.hard_samples`` pooled samples pushed towards the student's mistakes appended
-   (:meth:`~fed_dfkd.coordinator.Coordinator.with_hard_batches`);
+   with ``distill.hard_samples`` pooled samples pushed towards the student's mistakes and
+   ``distill.mixup_queries`` blends of pooled pairs appended
+   (:meth:`~fed_dfkd.coordinator.Coordinator.with_query_batches`);
 2. the teachers' logits on X, aggregated into targets (``distill.ensemble``);
 3. (``method.generator_reset``: G re-initialised, its optimizer state cleared;)
    ``method.generator_steps`` generator steps against the teacher(s) and the student as it was
@@ -109,7 +110,7 @@ class CentralDistillation:
         c, r = self.coordinator, self.coordinator.round
         progress = c.progress
         started = time.perf_counter()
-        samples = c.with_hard_batches(c.draw_samples())
+        samples = c.with_query_batches(c.draw_samples())
         targets = self.teacher_targets(as_float_images(samples).flatten(0, 1))
         if self.cfg.method.generator_reset:  # after the draw: this round's samples are labelled
             c.reset_generator(self.generator_optimizer)

@@ -237,6 +237,13 @@ class DistillConfig:
     hard_samples: int = 0
     hard_sample_radius: float = 0.1
     hard_sample_steps: int = 5
+    # MixUp queries: every round after the first, this many blends λ·x_i + (1 − λ)·x_j of random
+    # pairs of the replay buffer (a multiple of batch_size; 0: off), λ ~ Beta(mixup_query_alpha,
+    # mixup_query_alpha), travel with the round's samples for the teachers to label; labelled,
+    # they join the buffer. The teachers' own answers on blends, where distill.mixup blends the
+    # targets.
+    mixup_queries: int = 0
+    mixup_query_alpha: float = 1.0
     eval_every: int = 1
 
 
@@ -723,6 +730,10 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(0 <= di.hard_sample_radius <= 1, "distill.hard_sample_radius",
              "must be in [0, 1] (pixel units of [0, 1] images)")
     _require(di.hard_sample_steps >= 1, "distill.hard_sample_steps", "must be >= 1")
+    _require(di.mixup_queries >= 0 and di.mixup_queries % di.batch_size == 0, "distill.mixup_queries",
+             f"must be 0 (off) or a multiple of distill.batch_size ({di.batch_size}): they travel "
+             "as whole batches")
+    _require(di.mixup_query_alpha > 0, "distill.mixup_query_alpha", "must be > 0 (Beta(a, a))")
 
     _require(cu.granularity in ("sample", "batch"), "curriculum.granularity", "sample or batch")
     if cu.pace == "quantile":
@@ -805,6 +816,9 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(not di.hard_samples or fe.sample_transport == "pixels", "distill.hard_samples",
              "needs federation.sample_transport: pixels (with seed the owners regenerate the "
              "round's samples from G and would never see the hard ones)")
+    _require(not di.mixup_queries or fe.sample_transport == "pixels", "distill.mixup_queries",
+             "needs federation.sample_transport: pixels (with seed the owners regenerate the "
+             "round's samples from G and would never see the blends)")
     _require(fe.sample_transport == "pixels" or di.quantize_samples, "federation.sample_transport",
              "seed needs distill.quantize_samples: true, so both sides round to the same uint8 images")
     # A step of one uint8 level (1/255) per pixel is what rounding erases: ask for at least two.

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fed_dfkd.augment import augment_batches, mixup_batches
+from fed_dfkd.augment import augment_batches, blend_pairs, mixup_batches
 from fed_dfkd.config import DistillConfig, ExperimentConfig
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer, fit_student
@@ -193,11 +193,25 @@ class Coordinator:
         for name, value in delta.items():
             state[name].add_(value.to(state[name].device, state[name].dtype))
 
-    def with_hard_batches(self, samples: Tensor) -> Tensor:
-        """The round's pseudo-batches ``samples`` followed by :meth:`hard_batches` (unchanged
-        when there are none): what the teachers label and the pool receives."""
-        hard = self.hard_batches()
-        return samples if hard is None else torch.cat([samples, hard.to(samples.device, samples.dtype)])
+    def with_query_batches(self, samples: Tensor) -> Tensor:
+        """The round's pseudo-batches ``samples`` followed by :meth:`hard_batches` and
+        :meth:`mixup_query_batches` (unchanged when there are none): what the teachers label and
+        the pool receives."""
+        extra = [b for b in (self.hard_batches(), self.mixup_query_batches()) if b is not None]
+        return torch.cat([samples, *(b.to(samples.device, samples.dtype) for b in extra)]) if extra else samples
+
+    def mixup_query_batches(self) -> Tensor | None:
+        """``distill.mixup_queries``: that many blends of random pairs of the replay buffer
+        (:func:`~fed_dfkd.augment.blend_pairs`, λ ~ Beta(``mixup_query_alpha``, same), the round's
+        ``"mixup-queries"`` stream) as ``[Q / B, B, C, H, W]`` batches in the buffer's dtype for the
+        teachers to label with the round's samples. None when off or while the buffer is empty."""
+        d = self.cfg.distill
+        if not d.mixup_queries or not len(self.replay):
+            return None
+        images, _ = self.replay.samples()
+        blends = blend_pairs(images, d.mixup_queries, alpha=d.mixup_query_alpha,
+                             generator=make_rng(self.cfg.runtime.seed, "mixup-queries", self.round))
+        return blends.view(d.mixup_queries // d.batch_size, d.batch_size, *blends.shape[1:])
 
     def hard_batches(self) -> Tensor | None:
         """``distill.hard_samples``: that many samples of the replay buffer, drawn without

@@ -138,7 +138,7 @@ class FederatedServer:
             samples = c.draw_samples(self._wire_generator())
             wire_samples = samples.new_zeros((0, *samples.shape[2:]))
         else:
-            samples = c.with_hard_batches(
+            samples = c.with_query_batches(
                 self._draw_owner_samples() if self.owner_generators else c.draw_samples())
             wire_samples = samples.flatten(0, 1)
         if cfg.method.generator_reset:

@@ -8,6 +8,8 @@ test runs single-threaded.
 import pytest
 import torch
 
+from fed_dfkd.config import config_from_dict
+
 torch.set_num_threads(1)
 
 
@@ -29,3 +31,20 @@ def student_batches(monkeypatch):
         return seen[0]
 
     return run
+
+
+@pytest.fixture
+def pool_config():
+    """``pool_config(**distill)``: a digits config with a small sample pool (batches of 8, two
+    per round, five rounds kept, four rounds), ``distill`` settings on top."""
+
+    def make(**distill):
+        return config_from_dict({
+            "data": {"dataset": "digits"},
+            "models": {"teacher": "cnn_digits", "student": "cnn_digits"},
+            "distill": {"batch_size": 8, "pseudo_batches": 2, "student_steps": 2, "replay_rounds": 5,
+                        "replay_sampling": "samples", **distill},
+            "federation": {"rounds": 4},
+        })
+
+    return make

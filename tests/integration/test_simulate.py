@@ -25,8 +25,11 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 import server.loop as loop
+from fed_dfkd.augment import blend_pairs
 from fed_dfkd.cli.main import main
+from fed_dfkd.config import load_config
 from fed_dfkd.protocol import ClientUpdate
+from fed_dfkd.seeding import make_rng
 from fed_dfkd.transport import update_from_recorddict, update_to_recorddict
 from runhelpers import PNG_MAGIC, QUICKSTART, REPO, TIMING_KEYS, assert_same_state, load_checkpoint, read_metrics, read_report, set_args, stop_before_round, tiny
 
@@ -244,27 +247,43 @@ def test_per_owner_generators_run_and_resume_to_the_uninterrupted_state(tmp_path
     assert torch.allclose(again.exp(), stored.float().exp(), atol=2e-3)
     done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
                            "--teachers", str(teachers / "teachers"), "--relabel", "consensus",
-                           "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--mixup-queries", "64", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "relabelled by consensus: mean top probability" in done.stdout
+    assert "pool 288 samples" in done.stdout  # 7 batches of 32 and 64 labelled blends
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pool_retrain.py"), "--run", str(whole),
+                           "--mixup-queries", "64"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode != 0 and "--mixup-queries needs --relabel" in done.stderr
 
 
-def test_hard_samples_join_the_pool_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
-    """``distill.hard_samples``: from round 2 on, one batch of pooled samples pushed towards the
-    student's mistakes travels with the owners' batches, is labelled by every owner and pooled;
-    the seeded draw and start resume to the same state, and bench/pool_retrain.py's
-    ``--select generated`` drops exactly those batches again."""
-    overrides = PER_OWNER + ["distill.hard_samples=32"]
+def test_query_batches_join_the_pool_and_resume_to_the_uninterrupted_state(tmp_path, teachers, monkeypatch):
+    """``distill.hard_samples`` and ``distill.mixup_queries``: from round 2 on, one batch of pooled
+    samples pushed towards the student's mistakes and one of blends of pooled pairs travel with the
+    owners' batches, are labelled by every owner and pooled; the seeded draws resume to the same
+    state, and bench/pool_retrain.py's ``--select generated`` drops exactly those batches again."""
+    overrides = PER_OWNER + ["distill.hard_samples=32", "distill.mixup_queries=32"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert simulate(whole, teachers=teachers, overrides=overrides) == 0
     state = load_checkpoint(whole)["server"]
     pool = state["coordinator"]["replay"]["entries"]
-    assert [tuple(images.shape[:2]) for images, _ in pool] == [(1, 32), (4, 32), (4, 32)]
+    assert [tuple(images.shape[:2]) for images, _ in pool] == [(1, 32), (5, 32), (5, 32)]
     # The hard batch of round 3 is round 2's pool moved by at most the radius (0.1: 25.5 levels).
-    earlier = torch.cat([pool[0][0].flatten(0, 1), pool[1][0].flatten(0, 1)]).float()
+    earlier = torch.cat([pool[0][0].flatten(0, 1), pool[1][0].flatten(0, 1)])
     hard = pool[2][0][3].float()
-    distance = (hard[:, None] - earlier[None]).abs().amax(dim=(2, 3, 4)).min(dim=1).values
+    distance = (hard[:, None] - earlier.float()[None]).abs().amax(dim=(2, 3, 4)).min(dim=1).values
     assert distance.max() <= 0.1 * 255 + 0.5 and distance.max() > 0
+    # Its blended batch: the round's seeded blends of exactly that pool, labelled by the owners
+    # like the rest (the consensus of the three teachers on the blends, through float16).
+    cfg = load_config(whole / "config.resolved.yaml")
+    blends = blend_pairs(earlier, 32, alpha=cfg.distill.mixup_query_alpha,
+                         generator=make_rng(cfg.runtime.seed, "mixup-queries", 2))
+    assert torch.equal(pool[2][0][4], blends)
+    spec = importlib.util.spec_from_file_location("pool_retrain", REPO / "bench" / "pool_retrain.py")
+    retrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retrain)
+    again = retrain.relabeller(teachers / "teachers", 3, cfg.distill.ensemble)(blends)
+    assert torch.allclose(again.softmax(1), pool[2][1][4].float().softmax(1), atol=2e-3)
     assert [h["replies"] for h in read_report(whole)["history"]] == [3, 3, 3]
 
     assert_interrupted_run_resumes_to(state, cut, teachers=teachers, overrides=overrides, monkeypatch=monkeypatch)

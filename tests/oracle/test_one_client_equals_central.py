@@ -40,8 +40,8 @@ POOL = ["method.generator_reset=true", "distill.replay_rounds=10", "distill.repl
 # ... and G's steps fitting one seeded batch to assigned classes, that batch being the next draw.
 ROUND_LATENTS = [*POOL, "method.generator_latents=round", "distill.pseudo_batches=1"]
 # ... and from the second round on, one batch of pooled samples pushed towards the student's
-# mistakes, labelled by the teacher with the round's batch.
-HARD = [*ROUND_LATENTS, "distill.hard_samples=32"]
+# mistakes and one of blends of pooled pairs, labelled by the teacher with the round's batch.
+HARD = [*ROUND_LATENTS, "distill.hard_samples=32", "distill.mixup_queries=32"]
 
 
 def command(name: str, out: Path, *extra: str, overrides: list[str] = ()) -> list[str]:
@@ -59,7 +59,7 @@ def student(out: Path, engine_key: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("overrides", [[], POOL, ROUND_LATENTS, HARD],
-                         ids=["default", "generator-reset-pool", "round-latents", "hard-samples"])
+                         ids=["default", "generator-reset-pool", "round-latents", "hard-and-mixup-queries"])
 def test_a_one_client_federation_equals_central_distillation(tmp_path, overrides):
     teachers = tmp_path / "pretrain"
     assert main(command("pretrain", teachers)) == 0
@@ -73,11 +73,11 @@ def test_a_one_client_federation_equals_central_distillation(tmp_path, overrides
     assert [h["student_accuracy"] for h in federated] == [h["student_accuracy"] for h in central]
     assert all(h["replies"] == 1 for h in federated)
 
-    if overrides is HARD:  # the round's batch, plus a hard batch from the second round on
+    if overrides is HARD:  # the round's batch, plus a hard and a blended batch from round 2 on
         final = torch.load(tmp_path / "federated" / "checkpoints" / "last.pt", map_location="cpu",
                            weights_only=False)
         pooled = [images.shape[:2] for images, _ in final["server"]["coordinator"]["replay"]["entries"]]
-        assert pooled == [(1, 32), (2, 32), (2, 32)]
+        assert pooled == [(1, 32), (3, 32), (3, 32)]
     central_student = student(tmp_path / "central", "engine")
     federated_student = student(tmp_path / "federated", "server")
     assert central_student.keys() == federated_student.keys()

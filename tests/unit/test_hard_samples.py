@@ -123,18 +123,8 @@ def test_perturbation_is_seeded_leaves_the_student_as_it_was_and_radius_zero_is_
                                rng=torch.Generator().manual_seed(0))
 
 
-def _config(**distill):
-    return config_from_dict({
-        "data": {"dataset": "digits"},
-        "models": {"teacher": "cnn_digits", "student": "cnn_digits"},
-        "distill": {"batch_size": 8, "pseudo_batches": 2, "student_steps": 2, "replay_rounds": 5,
-                    "replay_sampling": "samples", **distill},
-        "federation": {"rounds": 4},
-    })
-
-
-def test_coordinator_makes_whole_batches_of_perturbed_pool_samples_from_the_round_stream() -> None:
-    cfg = _config(hard_samples=16, hard_sample_radius=0.05, hard_sample_steps=2)
+def test_coordinator_makes_whole_batches_of_perturbed_pool_samples_from_the_round_stream(pool_config) -> None:
+    cfg = pool_config(hard_samples=16, hard_sample_radius=0.05, hard_sample_steps=2)
     c = Coordinator(cfg, INFO)
     assert c.hard_batches() is None  # nothing pooled yet: the first round has none
     samples = c.draw_samples()
@@ -154,10 +144,10 @@ def test_coordinator_makes_whole_batches_of_perturbed_pool_samples_from_the_roun
     c.end_round()
     assert not torch.equal(hard, c.hard_batches())
     # More asked for than pooled: drawn with replacement, still whole batches.
-    c = Coordinator(_config(hard_samples=24), INFO)
+    c = Coordinator(pool_config(hard_samples=24), INFO)
     c.train_student(samples, torch.randn(2, 8, 10))
     assert c.hard_batches().shape == (3, 8, 1, 8, 8)
-    assert Coordinator(_config(), INFO).cfg.distill.hard_samples == 0
+    assert Coordinator(pool_config(), INFO).cfg.distill.hard_samples == 0
 
 
 @pytest.mark.parametrize(
