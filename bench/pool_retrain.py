@@ -151,6 +151,8 @@ def main() -> None:
         targets = label(images)
         print(f"relabelled by {args.relabel}: mean top probability "
               f"{float(targets.softmax(1).max(1).values.mean()):.3f}", flush=True)
+    if args.mixup_queries < 0 or args.mixup_query_alpha <= 0:
+        raise SystemExit("pool_retrain.py: --mixup-queries must be >= 0 and --mixup-query-alpha > 0")
     if args.mixup_queries:
         if label is None:
             raise SystemExit("pool_retrain.py: --mixup-queries needs --relabel RULE (the teachers label the blends)")

@@ -106,5 +106,5 @@ def blend_pairs(images: Tensor, count: int, *, alpha: float, generator: torch.Ge
     first, second = first.to(images.device), second.to(images.device)
     quantized = images.dtype == torch.uint8
     x = images.to(torch.float32) / 255.0 if quantized else images
-    blends = lam * x[first] + (1 - lam) * x[second].to(x.dtype)
+    blends = lam * x[first] + (1 - lam) * x[second]
     return (blends.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8) if quantized else blends
