@@ -108,6 +108,11 @@ class PretrainConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     augment: bool = False
+    # Adversarial training (fed_dfkd/adversarial.py): each batch is replaced by its PGD attack
+    # inside an L2 ball of this radius in [0, 1] pixel space, then the BatchNorm statistics are
+    # re-estimated on the clean images. 0: off.
+    adversarial_epsilon: float = 0.0
+    adversarial_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -690,6 +695,8 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(p.lr > 0, "models.pretrain.lr", "must be > 0")
     _require(p.momentum >= 0, "models.pretrain.momentum", "must be >= 0")
     _require(p.weight_decay >= 0, "models.pretrain.weight_decay", "must be >= 0")
+    _require(p.adversarial_epsilon >= 0, "models.pretrain.adversarial_epsilon", "must be >= 0 (0: off)")
+    _require(p.adversarial_steps >= 1, "models.pretrain.adversarial_steps", "must be >= 1")
 
     _require(me.generator_lr > 0, "method.generator_lr", "must be > 0")
     _require(all(0 <= b < 1 for b in me.generator_betas), "method.generator_betas",
@@ -842,6 +849,10 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(pr.logit_clip > 0, "privacy.logit_clip", "must be > 0 (inf: no clipping)")
     _require(pr.epsilon_max is None or pr.epsilon_max > 0, "privacy.epsilon_max",
              "must be > 0 or null (null: target_epsilon, or no limit)")
+    if pr.level == "record":
+        _require(m.pretrain.adversarial_epsilon == 0, "models.pretrain.adversarial_epsilon",
+                 "adversarial training is not combined with DP-SGD teachers (privacy.level: "
+                 "record); set it to 0")
     if pr.level == "record" and not pr.summary:
         _require(di.ensemble not in ("weighted", "class_weighted", "consensus"), "distill.ensemble",
                  f"{di.ensemble!r} weighs teachers by their class histograms, which a DP teacher "

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fed_dfkd.adversarial import pgd_l2, recalibrate_batchnorm
 from fed_dfkd.augment import random_shift
 from fed_dfkd.config import ExperimentConfig, PretrainConfig, config_hash, config_to_dict
 from fed_dfkd.errors import UserError
@@ -234,7 +235,7 @@ def teacher_config_hash(cfg: ExperimentConfig) -> str:
     payload: dict[str, Any] = {
         "data": data,
         "teacher": cfg.models.teacher,
-        "pretrain": config_to_dict(cfg.models.pretrain),
+        "pretrain": _pretrain_for_hash(cfg),
         "num_clients": cfg.federation.num_clients,
         "seed": cfg.runtime.seed,
     }
@@ -242,6 +243,16 @@ def teacher_config_hash(cfg: ExperimentConfig) -> str:
         # Only then: non-private configs keep the hashes (and caches) they always had.
         payload["privacy"] = {name: getattr(cfg.privacy, name) for name in _RECORD_PRIVACY_FIELDS}
     return config_hash(payload)
+
+
+def _pretrain_for_hash(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``models.pretrain`` as hashed: the adversarial keys only when adversarial training is on,
+    so the configs without it keep the hashes (and cached teachers) they had before it existed."""
+    pretrain = config_to_dict(cfg.models.pretrain)
+    if not cfg.models.pretrain.adversarial_epsilon:
+        pretrain.pop("adversarial_epsilon")
+        pretrain.pop("adversarial_steps")
+    return pretrain
 
 
 def teacher_seed(seed: int, partition_id: int | None) -> int:
@@ -310,10 +321,15 @@ def train_classifier(
     Shuffling and augmentation draw from a ``torch.Generator`` seeded with ``seed``. Adam or SGD
     per ``config.optimizer``; with ``lr_schedule: cosine`` the learning rate follows
     lr·½(1 + cos(π·t/T)) over the T steps of training. ``config.augment`` shifts each image by up
-    to 2 pixels. ``progress_desc`` names a progress bar over epochs, shown on a terminal only.
+    to 2 pixels. With ``config.adversarial_epsilon`` ε > 0 each (augmented) batch is replaced by
+    its ``adversarial_steps``-step L2 PGD attack of radius ε (:func:`pgd_l2`), min_θ
+    (1/N) Σ_i max_{‖δ‖₂ ≤ ε} CE(model(x_i + δ), y_i), and after the last epoch the BatchNorm
+    running statistics are re-estimated on the clean images (:func:`recalibrate_batchnorm`).
+    ``progress_desc`` names a progress bar over epochs, shown on a terminal only.
 
     Returns one record per epoch: ``epoch``, ``loss`` and ``accuracy`` (means over the epoch's
-    training batches, as seen during training) and ``lr`` (at the epoch's last step).
+    training batches as trained on, so on the attacked batches under adversarial training) and
+    ``lr`` (at the epoch's last step).
     """
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -348,6 +364,9 @@ def train_classifier(
             batch, targets = images[index], labels[index]
             if config.augment:
                 batch = random_shift(batch, max_shift=_MAX_SHIFT, generator=generator)
+            if config.adversarial_epsilon > 0:
+                batch = pgd_l2(model, batch, targets, epsilon=config.adversarial_epsilon,
+                               steps=config.adversarial_steps)
             logits = model(batch)
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -374,6 +393,10 @@ def train_classifier(
             progress_desc or "training", epoch + 1, config.epochs, record["loss"],
             record["accuracy"], record["lr"],
         )
+    if config.adversarial_epsilon > 0:
+        # The BN prior matches these statistics: those of the real images, not of the attacks.
+        recalibrate_batchnorm(model, (images[start:end] for start, end in
+                                      _batch_bounds(size, config.batch_size)))
     return history
 
 
