@@ -141,6 +141,10 @@ def main() -> None:
     splits = load_experiment_data(cfg)
     images, targets = pool(args.run, args.teachers, args.select)
     label = None
+    if d.feature_weight:
+        raise SystemExit("pool_retrain.py: the run's student regresses its teacher's features "
+                         "(distill.feature_weight), which this script does not load; add "
+                         "--set distill.feature_weight=0 to fit on the logits alone")
     if d.relabel_augmented and args.relabel is None:
         raise SystemExit("pool_retrain.py: the run relabels its augmented batches "
                          "(distill.relabel_augmented): pass --teachers and --relabel RULE")

@@ -48,12 +48,16 @@ class CentralDistillation:
         device: torch.device | str = "cpu",
     ) -> None:
         self.cfg, self.info = cfg, info
-        self.coordinator = Coordinator(cfg, info, device=device)
-        self.device = self.coordinator.device
-        self.teachers = [freeze(t.to(self.device)) for t in teachers]
+        device = torch.device(device)
+        self.teachers = [freeze(t.to(device)) for t in teachers]
         self.teacher: Classifier = (
             self.teachers[0] if len(self.teachers) == 1 else TeacherEnsemble(self.teachers)
         )
+        self.coordinator = Coordinator(
+            cfg, info, device=device,
+            teacher_features=self.teacher_features if cfg.distill.feature_weight else None,
+            teacher_feature_dim=self.teacher.feature_dim if cfg.distill.feature_weight else None)
+        self.device = self.coordinator.device
         self.teacher_weights = list(teacher_weights) if teacher_weights is not None else None
         self.generator_optimizer = build_generator_optimizer(self.generator, cfg.method)
         self.synthesizer = build_synthesizer(
@@ -98,6 +102,11 @@ class CentralDistillation:
         return self.coordinator.finished
 
     @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The teachers' penultimate features ``[N, D]`` of float images (concatenated over several
+        teachers): what ``distill.feature_weight``'s hint regresses."""
+        return self.teacher(images, return_features=True)[1]
+
     def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
         """Aggregated teacher logits ``[N, C]`` for float images ``[N, C, H, W]``."""
         member_logits = torch.stack([t(images) for t in self.teachers])

@@ -210,6 +210,10 @@ class DistillConfig:
     # student step, instead of the images' stored targets: "function matching". Needs the
     # teachers in the server's process, so only `fed-dfkd distill`.
     relabel_augmented: bool = False
+    # Feature distillation (FitNets' hint on the penultimate features): per sample, beta times
+    # ||P f_S - f_T||^2 / (d var_batch(f_T)), P a linear map trained with the student. Needs the
+    # teachers' features in the server's process, so only `fed-dfkd distill` (0: off).
+    feature_weight: float = 0.0
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -727,6 +731,8 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(di.temperature > 0, "distill.temperature", "must be > 0")
     _require(di.target_temperature > 0, "distill.target_temperature", "must be > 0")
     _require(0.0 <= di.student_ema < 1.0, "distill.student_ema", "must be in [0, 1) (0: off)")
+    _require(di.feature_weight >= 0 and math.isfinite(di.feature_weight), "distill.feature_weight",
+             "must be a finite number >= 0 (0: off)")
     _require(di.final_fit_steps >= 0, "distill.final_fit_steps", "must be >= 0 (0: off)")
     _require(di.final_fit_target_temperature is None or di.final_fit_target_temperature > 0,
              "distill.final_fit_target_temperature", "must be > 0 or null")

@@ -89,6 +89,8 @@ def fit_fresh_student(
     weights: Tensor | None = None,
     relabel: Callable[[Tensor], Tensor] | None = None,
     after_chunk: Callable[[StudentTrainer, int, int], None] | None = None,
+    teacher_features: Callable[[Tensor], Tensor] | None = None,
+    teacher_feature_dim: int | None = None,
 ) -> tuple[StudentTrainer, dict[str, float]]:
     """A fresh student (the run's seeded initialisation, its own optimizer, a cosine and
     self-paced pace over the fit) trained ``steps`` steps on a fixed pool with
@@ -98,11 +100,15 @@ def fit_fresh_student(
     chunk's report. ``distill.final_fit_target_temperature``, when set, replaces the targets'
     temperature for the fit. ``distill.mixup`` and ``distill.relabel_augmented`` (with
     ``relabel``, as in :meth:`Coordinator.train_student`) act on the fit's batches as on a
-    round's, from the ``"final-fit-mixup"`` stream."""
+    round's, from the ``"final-fit-mixup"`` stream. ``teacher_features`` and
+    ``teacher_feature_dim`` serve ``distill.feature_weight`` as in :class:`Coordinator`; the fit's
+    map P starts from the run's seeded initialisation, like its student."""
     d, seed = cfg.distill, cfg.runtime.seed
     if d.final_fit_target_temperature is not None:
         d = dataclasses.replace(d, target_temperature=d.final_fit_target_temperature)
-    trainer = StudentTrainer(build_student(cfg, info).to(device), d, cfg.curriculum, cfg.method)
+    trainer = StudentTrainer(build_student(cfg, info).to(device), d, cfg.curriculum, cfg.method,
+                             teacher_features=teacher_features, teacher_feature_dim=teacher_feature_dim,
+                             projection_seed=derive_seed(seed, "feature-projection"))
     augment = make_rng(seed, "final-fit-augment")
 
     def transform(batches: Tensor, _: int) -> Tensor:
@@ -125,11 +131,26 @@ def fit_fresh_student(
 class Coordinator:
     """G, S, the student's trainer and replay buffer, and the round clock."""
 
-    def __init__(self, cfg: ExperimentConfig, info: DatasetInfo, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        info: DatasetInfo,
+        *,
+        device: torch.device | str = "cpu",
+        teacher_features: Callable[[Tensor], Tensor] | None = None,
+        teacher_feature_dim: int | None = None,
+    ) -> None:
+        """``teacher_features`` and ``teacher_feature_dim`` (``distill.feature_weight``, only where
+        the teachers are in this process): the teachers' penultimate features of float images, for
+        the student's feature hint (:class:`~fed_dfkd.distill.StudentTrainer`)."""
         self.cfg, self.info, self.device = cfg, info, torch.device(device)
         self.student = build_student(cfg, info).to(self.device)
         self.generator = build_pseudo_generator(cfg, info).to(self.device)
-        self.trainer = StudentTrainer(self.student, cfg.distill, cfg.curriculum, cfg.method)
+        self.teacher_features, self.teacher_feature_dim = teacher_features, teacher_feature_dim
+        self.trainer = StudentTrainer(self.student, cfg.distill, cfg.curriculum, cfg.method,
+                                      teacher_features=teacher_features,
+                                      teacher_feature_dim=teacher_feature_dim,
+                                      projection_seed=derive_seed(cfg.runtime.seed, "feature-projection"))
         self.replay = ReplayBuffer(cfg.distill.replay_rounds, sampling=cfg.distill.replay_sampling)
         self.round = 0
         self.total_rounds = cfg.federation.rounds
@@ -271,7 +292,8 @@ class Coordinator:
         images, targets = self.replay.samples()
         trainer, report = fit_fresh_student(self.cfg, self.info, images, targets,
                                             steps=self.cfg.distill.final_fit_steps, device=self.device,
-                                            relabel=relabel)
+                                            relabel=relabel, teacher_features=self.teacher_features,
+                                            teacher_feature_dim=self.teacher_feature_dim)
         self.pre_fit_student = copy.deepcopy(self.evaluated_student)
         self.student.load_state_dict(trainer.student.state_dict())
         self.trainer.load_state_dict(trainer.state_dict())
@@ -314,6 +336,8 @@ def round_metrics(
         "admitted_fraction": student["admitted_fraction"], "pace": student["pace"],
         "lr": student["lr"], "seconds": seconds,
     })
+    if student.get("feature_loss"):  # distill.feature_weight: the hint ℓ_hint before its weight
+        metrics["feature_loss"] = student["feature_loss"]
     metrics.update({k: v for k, v in student.items() if k.startswith("final_fit_")})
     return metrics
 

@@ -2,7 +2,8 @@
 
 Per sample i (algorithms.md §3.3, §4.3, §12.1):
 
-    ℓ_i = ℓ_KD(s_i, t_i) + λ_rel·ℓ_rel,i          (λ_rel = method.relation_weight; 0 except AdaDFKD)
+    ℓ_i = ℓ_KD(s_i, t_i) + λ_rel·ℓ_rel,i + β·ℓ_hint,i
+          (λ_rel = method.relation_weight, 0 except AdaDFKD; β = distill.feature_weight, 0 by default)
     L_S = (1/B)·Σ_i v_i·ℓ_i                      v_i self-paced, held constant (no gradient)
 
 ℓ_KD is the KL at temperature τ (×τ²) or the logit L1. ℓ_rel is the per-row in-batch InfoNCE
@@ -10,7 +11,9 @@ between teacher and student embeddings. Deliberate deviation: the embeddings are
 aggregated *logits* and the student's logits rather than penultimate features, because logits
 are what crosses the wire in the federation (algorithms.md §11 allows it; features leak more
 and need one projection per teacher architecture). The learning rate follows a cosine of the
-progress p (§12.3), not of epochs.
+progress p (§12.3), not of epochs. ℓ_hint (``distill.feature_weight``, `fed-dfkd distill` only)
+regresses the teacher's penultimate features from the student's through a linear map P trained
+with the student (:func:`~fed_dfkd.losses.feature_hint_per_sample`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from fed_dfkd.config import CurriculumConfig, DistillConfig, MethodConfig
 from fed_dfkd.curriculum import SelfPacedWeighting, schedules
-from fed_dfkd.losses import kd_per_sample, relation_infonce_per_sample
+from fed_dfkd.losses import feature_hint_per_sample, kd_per_sample, relation_infonce_per_sample
 from fed_dfkd.models import Classifier
 from fed_dfkd.samples import as_float_images
 from fed_dfkd.synthesis import Progress
@@ -39,6 +42,7 @@ class StudentStepReport:
     admitted_fraction: float
     pace: float
     lr: float
+    feature_loss: float = 0.0
 
 
 class ReplayBuffer:
@@ -171,12 +175,33 @@ class StudentTrainer:
         distill: DistillConfig,
         curriculum: CurriculumConfig,
         method: MethodConfig,
+        *,
+        teacher_features: Callable[[Tensor], Tensor] | None = None,
+        teacher_feature_dim: int | None = None,
+        projection_seed: int = 0,
     ) -> None:
+        """``teacher_features`` (with ``distill.feature_weight`` > 0): the teachers' penultimate
+        features ``[B, teacher_feature_dim]`` of float images ``[B, C, H, W]``; the trainer then
+        owns the map P (``nn.Linear``, initialised from ``projection_seed``), trained by the same
+        optimizer (a second parameter group) and saved with :meth:`state_dict`."""
         self.student = student
         self.distill = distill
         self.relation_weight = float(method.relation_weight)
         self.relation_temperature = float(method.contrastive_temperature)
         self.optimizer = build_student_optimizer(student, distill)
+        self.feature_weight = float(distill.feature_weight)
+        self.teacher_features = teacher_features
+        self.projection: torch.nn.Linear | None = None
+        if self.feature_weight:
+            if teacher_features is None or teacher_feature_dim is None:
+                raise ValueError("distill.feature_weight needs the teachers' features: pass "
+                                 "teacher_features and teacher_feature_dim")
+            device = next(student.parameters()).device
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(projection_seed)
+                self.projection = torch.nn.Linear(student.feature_dim, teacher_feature_dim)
+            self.projection.to(device)
+            self.optimizer.add_param_group({"params": list(self.projection.parameters())})
         # The averaged student (distill.student_ema > 0): updated after every step, never trained.
         self.ema: Classifier | None = None
         if distill.student_ema > 0:
@@ -222,8 +247,16 @@ class StudentTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.student.train()
-        student_logits = self.student(images)
+        if self.projection is not None:
+            student_logits, student_features = self.student(images, return_features=True)
+            with torch.no_grad():
+                target_features = self.teacher_features(images)  # type: ignore[misc]
+            hint = feature_hint_per_sample(self.projection(student_features), target_features)
+        else:
+            student_logits, hint = self.student(images), None
         losses, kd, relation = self.per_sample_loss(student_logits, teacher_logits.to(student_logits.dtype))
+        if hint is not None:
+            losses = losses + self.feature_weight * hint
         if self.weighting is not None:
             paced = self.weighting(losses.detach(), progress.fraction)
             loss = (paced.weights * losses).mean()
@@ -243,6 +276,7 @@ class StudentTrainer:
             admitted_fraction=admitted,
             pace=pace,
             lr=lr,
+            feature_loss=0.0 if hint is None else float(hint.detach().mean()),
         )
 
     @property
@@ -276,9 +310,15 @@ class StudentTrainer:
             "optimizer": self.optimizer.state_dict(),
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "projection": None if self.projection is None else self.projection.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        projection = state.get("projection")  # absent before distill.feature_weight existed
+        if (projection is None) != (self.projection is None):
+            # Before the optimizer: its parameter groups would differ too, with a vaguer message.
+            raise ValueError("the checkpoint's feature map (distill.feature_weight) does not match "
+                             "this run's setting")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.weighting is not None and state["weighting"] is not None:
             self.weighting.load_state_dict(state["weighting"])
@@ -288,3 +328,5 @@ class StudentTrainer:
                              "this run's setting")
         if self.ema is not None:
             self.ema.load_state_dict(ema)
+        if self.projection is not None:
+            self.projection.load_state_dict(projection)

@@ -84,6 +84,10 @@ def check_federation_settings(cfg: ExperimentConfig) -> None:
         raise UserError("distill.relabel_augmented needs the teachers in the server's process: "
                         "only `fed-dfkd distill` has them (a federation's teachers answer once "
                         "per round, on the round's samples)")
+    if cfg.distill.feature_weight:
+        raise UserError("distill.feature_weight needs the teachers' penultimate features, which "
+                        "stay with their owners (only logits cross the wire): only `fed-dfkd "
+                        "distill` has them")
 
 
 class FederatedServer:

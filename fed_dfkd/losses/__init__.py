@@ -34,6 +34,7 @@ from fed_dfkd.losses.kd import (
     kd_l1_per_sample,
     kd_loss,
     kd_per_sample,
+    feature_hint_per_sample,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "adversarial_loss",
     "batch_entropy",
     "class_balance_loss",
+    "feature_hint_per_sample",
     "js_star",
     "kd_kl",
     "kd_kl_per_sample",

@@ -23,6 +23,7 @@ __all__ = [
     "kd_l1_per_sample",
     "kd_loss",
     "kd_per_sample",
+    "feature_hint_per_sample",
 ]
 
 
@@ -117,3 +118,24 @@ def kd_loss(
     return kd_per_sample(
         student_logits, teacher_logits, divergence=divergence, temperature=temperature
     ).mean()
+
+
+def feature_hint_per_sample(projected: Tensor, teacher_features: Tensor) -> Tensor:
+    """Per-sample feature hint (FitNets), shape ``[B]``, scale-free in the teacher's features.
+
+    ℓ_hint,i = ‖P f_S,i − f_T,i‖² / (d · v̄),  v̄ = (1/d)·Σ_j Var_batch(f_T,·j)
+
+    with ``projected`` = P f_S ``[B, d]`` (the student's penultimate features through a linear
+    map) and ``teacher_features`` f_T ``[B, d]``. Dividing by the batch's mean per-dimension
+    variance v̄ (no gradient flows through it) makes ℓ = 1 for a student that predicts the
+    batch mean of every dimension, whatever the teacher's feature scale, so one weight suits
+    any teacher. A batch of one (no variance) divides by 1.
+    """
+    if projected.dim() != 2 or projected.shape != teacher_features.shape:
+        raise ValueError(
+            "projected and teacher_features must both be [batch, dim] of one shape, got "
+            f"{tuple(projected.shape)} and {tuple(teacher_features.shape)}"
+        )
+    target = teacher_features.detach()
+    scale = target.var(dim=0).mean().clamp_min(1e-8) if target.shape[0] > 1 else target.new_ones(())
+    return ((projected - target) ** 2).mean(dim=1) / scale

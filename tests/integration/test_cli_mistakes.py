@@ -155,12 +155,17 @@ def test_simulate_with_teachers_of_another_dataset_stops_before_the_federation(t
     assert "client_0.pt does not fit data.dataset 'digits'" in line and "'kmnist'" in line
 
 
-def test_simulate_refuses_what_only_distill_can_run_before_pretraining_a_teacher(tmp_path, capsys):
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.mixup=1", "distill.relabel_augmented=true"],
+     "distill.relabel_augmented needs the teachers in the server's process"),
+    (["distill.feature_weight=1"], "distill.feature_weight needs the teachers' penultimate features"),
+])
+def test_simulate_refuses_what_only_distill_can_run_before_pretraining_a_teacher(tmp_path, capsys, overrides,
+                                                                                 message):
     out = tmp_path / "run"
-    argv = ["simulate", "--config", str(QUICKSTART), "--out", str(out),
-            *set_args([*FAST, "distill.mixup=1", "distill.relabel_augmented=true"])]
+    argv = ["simulate", "--config", str(QUICKSTART), "--out", str(out), *set_args([*FAST, *overrides])]
     assert main(argv) == 2
-    assert "distill.relabel_augmented needs the teachers in the server's process" in error_line(capsys, "simulate")
+    assert message in error_line(capsys, "simulate")
     assert not (out / "teachers").exists()
 
 

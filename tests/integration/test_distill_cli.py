@@ -164,9 +164,11 @@ def test_resuming_a_finished_run_runs_no_more_rounds(completed_run, tmp_path, te
 REPLAY = ["distill.replay_rounds=1", "distill.pseudo_batches=2"]
 # The averaged student is engine state too.
 EMA = ["distill.student_ema=0.8"]
+# So is the feature hint's map P, with its optimizer group.
+FEATURE = ["distill.feature_weight=0.5"]
 
 
-@pytest.mark.parametrize("variant", ["default", "replay", "ema"])
+@pytest.mark.parametrize("variant", ["default", "replay", "ema", "feature"])
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_run, tmp_path, teachers,
                                                                     monkeypatch, capsys, variant):
     overrides = FAST
@@ -176,6 +178,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
         overrides = [*FAST, *REPLAY]
     if variant == "ema":
         overrides = [*FAST, *EMA]
+    if variant == "feature":
+        overrides = [*FAST, *FEATURE]
     if variant != "default":
         completed_run = tmp_path / "a"
         assert distill(completed_run, teachers=teachers, overrides=overrides) == 0
@@ -219,6 +223,9 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
     assert [h["step"] for h in report["history"]] == [1, 2, 3]
     if variant == "ema":
         assert resumed["engine"]["coordinator"]["trainer"]["ema"] is not None
+    if variant == "feature":
+        assert resumed["engine"]["coordinator"]["trainer"]["projection"] is not None
+        assert all(m["feature_loss"] > 0 for m in metrics_resumed)
 
 
 def test_resume_after_a_crash_between_metrics_and_checkpoint_redoes_the_round(completed_run, tmp_path, teachers,
