@@ -107,6 +107,7 @@ class CentralDistillation:
         teachers): what ``distill.feature_weight``'s hint regresses."""
         return self.teacher(images, return_features=True)[1]
 
+    @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
         """Aggregated teacher logits ``[N, C]`` for float images ``[N, C, H, W]``."""
         member_logits = torch.stack([t(images) for t in self.teachers])

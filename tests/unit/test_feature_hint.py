@@ -149,3 +149,19 @@ def test_bad_weights_are_config_errors(value) -> None:
 def test_a_federation_refuses_the_hint() -> None:
     with pytest.raises(UserError, match="feature_weight needs the teachers' penultimate features"):
         FederatedServer(_config(feature_weight=1.0), INFO)
+
+
+def test_the_central_loops_teacher_answers_carry_no_graph() -> None:
+    from fed_dfkd.centralized import CentralDistillation
+    from fed_dfkd.models import build_classifier
+    from fed_dfkd.models.normalized import NormalizedClassifier
+
+    torch.manual_seed(0)
+    teacher = NormalizedClassifier(build_classifier("cnn_digits_bn", num_classes=10, in_channels=1,
+                                                    image_size=8), INFO.mean, INFO.std)
+    central = CentralDistillation(_config(feature_weight=1.0), [teacher], INFO)
+    images = torch.rand(4, 1, 8, 8, requires_grad=True)
+    features, targets = central.teacher_features(images), central.teacher_targets(images)
+    assert features.shape == (4, teacher.feature_dim) and targets.shape == (4, 10)
+    assert not features.requires_grad and not targets.requires_grad
+    assert central.coordinator.trainer.projection.out_features == teacher.feature_dim
