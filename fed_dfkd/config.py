@@ -141,6 +141,12 @@ class MethodConfig:
     # generator_steps steps from scratch (DENSE / CMI style). Pair with a large
     # distill.replay_rounds, so the student trains on the pool of all rounds' samples.
     generator_reset: bool = False
+    # What generator_reset re-draws: "all" of G (DENSE / CMI), or only its "input" layer (the
+    # linear map of z, and of the label if conditional), its Adam moments cleared, while the
+    # convolutional body and its moments carry over from round to round (after NAYER's noisy
+    # layer: the body keeps what it learnt of the teacher's classes, the fresh input layer gives
+    # each round's batch its own samples). "input" is `fed-dfkd distill` only.
+    generator_reset_scope: Literal["all", "input"] = "all"
     # "fresh": every generator step draws new latents, the one-hot term asks for the argmax (the
     # reference). "round": G's steps in round r all fit one seeded latent batch Z to balanced
     # assigned classes Y, and round r + 1's pseudo-batch is that batch, G(Z) (DENSE / CMI).
@@ -214,6 +220,9 @@ class DistillConfig:
     # ||P f_S - f_T||^2 / (d var_batch(f_T)), P a linear map trained with the student. Needs the
     # teachers' features in the server's process, so only `fed-dfkd distill` (0: off).
     feature_weight: float = 0.0
+    # How P starts: drawn from the run's "feature-projection" seed (nn.Linear's default init), or
+    # at zero, so the hint passes no gradient to the student until P has learnt a map.
+    feature_projection_init: Literal["seeded", "zero"] = "seeded"
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -706,6 +715,8 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(all(0 <= b < 1 for b in me.generator_betas), "method.generator_betas",
              "both betas must be in [0, 1)")
     _require(me.generator_steps >= 0, "method.generator_steps", "must be >= 0")
+    _require(me.generator_reset or me.generator_reset_scope == "all", "method.generator_reset_scope",
+             "says what method.generator_reset re-draws: set generator_reset: true too")
     _require(me.class_balance_temperature > 0, "method.class_balance_temperature", "must be > 0")
     _require(me.contrastive_temperature > 0, "method.contrastive_temperature", "must be > 0")
     _require(me.negative_bank_size >= 1, "method.negative_bank_size", "must be >= 1")

@@ -201,11 +201,18 @@ class Coordinator:
     @torch.no_grad()
     def reset_generator(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """``method.generator_reset``: G back to a fresh initialisation seeded by the round (its
-        weights and BN running statistics), and ``optimizer``'s state (Adam's moments) cleared."""
+        weights and BN running statistics), and ``optimizer``'s state (Adam's moments) cleared;
+        with ``method.generator_reset_scope: input`` only G's input layer and its moments."""
         fresh = build_pseudo_generator(self.cfg, self.info, reset_round=self.round)
-        self.generator.load_state_dict(fresh.state_dict())
+        if self.cfg.method.generator_reset_scope == "all":
+            self.generator.load_state_dict(fresh.state_dict())
+            if optimizer is not None:
+                optimizer.state.clear()
+            return
+        self.generator.project.load_state_dict(fresh.project.state_dict())
         if optimizer is not None:
-            optimizer.state.clear()
+            for parameter in self.generator.project.parameters():
+                optimizer.state.pop(parameter, None)
 
     @torch.no_grad()
     def apply_generator_update(self, delta: Mapping[str, Tensor]) -> None:

@@ -182,7 +182,8 @@ class StudentTrainer:
     ) -> None:
         """``teacher_features`` (with ``distill.feature_weight`` > 0): the teachers' penultimate
         features ``[B, teacher_feature_dim]`` of float images ``[B, C, H, W]``; the trainer then
-        owns the map P (``nn.Linear``, initialised from ``projection_seed``), trained by the same
+        owns the map P (``nn.Linear``, initialised from ``projection_seed`` or at zero, as
+        ``distill.feature_projection_init`` says), trained by the same
         optimizer (a second parameter group) and saved with :meth:`state_dict`."""
         self.student = student
         self.distill = distill
@@ -200,6 +201,9 @@ class StudentTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(projection_seed)
                 self.projection = torch.nn.Linear(student.feature_dim, teacher_feature_dim)
+            if distill.feature_projection_init == "zero":
+                torch.nn.init.zeros_(self.projection.weight)
+                torch.nn.init.zeros_(self.projection.bias)
             self.projection.to(device)
             self.optimizer.add_param_group({"params": list(self.projection.parameters())})
         # The averaged student (distill.student_ema > 0): updated after every step, never trained.

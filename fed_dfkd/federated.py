@@ -88,6 +88,9 @@ def check_federation_settings(cfg: ExperimentConfig) -> None:
         raise UserError("distill.feature_weight needs the teachers' penultimate features, which "
                         "stay with their owners (only logits cross the wire): only `fed-dfkd "
                         "distill` has them")
+    if cfg.method.generator_reset and cfg.method.generator_reset_scope != "all":
+        raise UserError("method.generator_reset_scope: input keeps G's body from round to round, "
+                        "which the owners' fresh generators do not: only `fed-dfkd distill` has it")
 
 
 class FederatedServer:

@@ -122,6 +122,36 @@ def test_the_map_is_seeded_saved_and_restored() -> None:
         a.load_state_dict(_trainer(_config()).state_dict())
 
 
+def test_a_zero_map_leaves_the_first_step_of_the_student_to_the_plain_loss() -> None:
+    # With P = 0 the hint's gradient to the student's features, P^T (P f_S - f_T), is zero, so
+    # the first step moves the student exactly as the step without the hint does; P itself learns.
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    zero = _trainer(_config(feature_weight=1.0, feature_projection_init="zero"), _Features())
+    torch.manual_seed(5)
+    plain = _trainer(_config())
+    assert not zero.projection.weight.any() and not zero.projection.bias.any()
+    report = zero.step(images, logits, Progress.of_round(0, 4))
+    plain.step(images, logits, Progress.of_round(0, 4))
+    # P f_S = 0 for every sample: the hint is sum_j f_T,ij^2 / (d v̄), positive.
+    assert report.feature_loss > 0
+    for mine, theirs in zip(zero.student.state_dict().values(), plain.student.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert zero.projection.weight.any()
+    # The seeded map, by contrast, moves the student differently from the first step.
+    torch.manual_seed(5)
+    seeded = _trainer(_config(feature_weight=1.0), _Features())
+    seeded.step(images, logits, Progress.of_round(0, 4))
+    moved = [not torch.equal(a, b) for a, b in zip(seeded.student.parameters(), plain.student.parameters())]
+    assert any(moved)
+
+
+def test_an_unknown_map_init_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="distill.feature_projection_init"):
+        _config(feature_weight=1.0, feature_projection_init="orthogonal")
+
+
 def test_the_weight_without_the_teachers_features_is_an_error() -> None:
     with pytest.raises(ValueError, match="feature_weight needs the teachers' features"):
         _trainer(_config(feature_weight=1.0), features=None)

@@ -97,6 +97,40 @@ def test_reset_gives_the_round_s_seeded_initialisation_and_clears_the_optimizer(
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in generator.parameters()]
 
 
+def test_an_input_reset_redraws_only_the_input_layer_and_its_moments() -> None:
+    cfg = _config(method={"generator_reset": True, "generator_reset_scope": "input"})
+    coordinator = Coordinator(cfg, INFO)
+    generator = coordinator.generator
+    optimizer = torch.optim.Adam(generator.parameters(), lr=0.1)
+    generator(generator.sample_latent(8, rng=torch.Generator().manual_seed(1))).mean().backward()
+    optimizer.step()
+    trained = {k: v.clone() for k, v in generator.state_dict().items()}
+    coordinator.round = 2
+    coordinator.reset_generator(optimizer)
+    fresh = build_pseudo_generator(cfg, INFO, reset_round=2).state_dict()
+    for name, tensor in generator.state_dict().items():
+        expected = fresh[name] if name.startswith("project.") else trained[name]
+        assert torch.equal(tensor, expected), name
+    assert not torch.equal(trained["project.weight"], fresh["project.weight"])
+    project = {id(p) for p in generator.project.parameters()}
+    kept = {id(p) for p in optimizer.state}
+    assert not kept & project  # the input layer's Adam moments went ...
+    assert kept == {id(p) for p in generator.parameters()} - project  # ... and only they
+
+
+def test_an_input_reset_needs_the_reset_and_a_federation_refuses_it() -> None:
+    from fed_dfkd.errors import UserError
+    from fed_dfkd.federated import check_federation_settings
+
+    with pytest.raises(ConfigError, match="method.generator_reset_scope"):
+        _config(method={"generator_reset_scope": "input"})
+    with pytest.raises(ConfigError, match="method.generator_reset_scope"):
+        _config(method={"generator_reset": True, "generator_reset_scope": "body"})
+    cfg = _config(method={"generator_reset": True, "generator_reset_scope": "input"}, quantize_samples=True)
+    with pytest.raises(UserError, match="generator_reset_scope: input"):
+        check_federation_settings(cfg)
+
+
 @pytest.mark.parametrize("federation, message", [
     ({"sample_transport": "seed"}, "sample_transport: pixels"),
     ({"mode": "logits_only"}, "generator_and_logits"),
