@@ -166,9 +166,12 @@ REPLAY = ["distill.replay_rounds=1", "distill.pseudo_batches=2"]
 EMA = ["distill.student_ema=0.8"]
 # So is the feature hint's map P, with its optimizer group.
 FEATURE = ["distill.feature_weight=0.5"]
+# A reset of G's input layer alone keeps the body and its Adam moments across rounds.
+RESET_INPUT = ["method.generator_reset=true", "method.generator_reset_scope=input",
+               "method.generator_latents=round", "distill.pseudo_batches=1"]
 
 
-@pytest.mark.parametrize("variant", ["default", "replay", "ema", "feature"])
+@pytest.mark.parametrize("variant", ["default", "replay", "ema", "feature", "reset_input"])
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_run, tmp_path, teachers,
                                                                     monkeypatch, capsys, variant):
     overrides = FAST
@@ -180,6 +183,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(completed_ru
         overrides = [*FAST, *EMA]
     if variant == "feature":
         overrides = [*FAST, *FEATURE]
+    if variant == "reset_input":
+        overrides = [*FAST, *RESET_INPUT]
     if variant != "default":
         completed_run = tmp_path / "a"
         assert distill(completed_run, teachers=teachers, overrides=overrides) == 0
