@@ -204,14 +204,11 @@ class Coordinator:
         weights and BN running statistics), and ``optimizer``'s state (Adam's moments) cleared;
         with ``method.generator_reset_scope: input`` only G's input layer and its moments."""
         fresh = build_pseudo_generator(self.cfg, self.info, reset_round=self.round)
-        if self.cfg.method.generator_reset_scope == "all":
-            self.generator.load_state_dict(fresh.state_dict())
-            if optimizer is not None:
-                optimizer.state.clear()
-            return
-        self.generator.project.load_state_dict(fresh.project.state_dict())
+        whole = self.cfg.method.generator_reset_scope == "all"
+        target, source = (self.generator, fresh) if whole else (self.generator.project, fresh.project)
+        target.load_state_dict(source.state_dict())
         if optimizer is not None:
-            for parameter in self.generator.project.parameters():
+            for parameter in target.parameters():
                 optimizer.state.pop(parameter, None)
 
     @torch.no_grad()
