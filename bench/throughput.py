@@ -2,6 +2,7 @@
 
     python bench/throughput.py --pair lenet --batch-size 256 --steps 20
     python bench/throughput.py --pair resnet --batch-size 256 --steps 2
+    python bench/throughput.py --pair digits --batch-size 128 --steps 50 --memory-format channels_last
 
 A generator step is one AdaDFKD generator update (G forward, teacher forward/backward with BN
 hooks, student forward/backward, R2M); a student step is one self-paced KD update on a
@@ -25,6 +26,7 @@ from fed_dfkd.data import dataset_info
 from fed_dfkd.distill import StudentTrainer
 from fed_dfkd.models import build_classifier
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
+from fed_dfkd.runtime import resolve_device
 from fed_dfkd.seeding import make_rng
 from fed_dfkd.synthesis import Progress, build_generator_optimizer, build_synthesizer
 
@@ -32,6 +34,9 @@ PAIRS = {
     "lenet": {"data": {"dataset": "fashion_mnist"},
               "models": {"teacher": "lenet5_bn", "student": "lenet5_half",
                          "generator": {"latent_dim": 64, "width": 16, "depth": 2}}},
+    "digits": {"data": {"dataset": "digits"},
+               "models": {"teacher": "cnn_digits_bn", "student": "cnn_digits_half",
+                          "generator": {"latent_dim": 32, "width": 16, "depth": 2}}},
     "resnet": {"data": {"dataset": "cifar10"},
                "models": {"teacher": "resnet34", "student": "resnet18",
                           "generator": {"latent_dim": 512, "width": 64, "depth": 2}}},
@@ -45,14 +50,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory-format", choices=["contiguous", "channels_last"], default="contiguous",
+                        help="runtime.memory_format of the teacher and the student")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    raw = {**PAIRS[args.pair], "method": {"name": "adadfkd", "generator_steps": 1,
+    raw = {**PAIRS[args.pair], "runtime": {"threads": args.threads, "device": args.device,
+                                           "memory_format": args.memory_format},
+           "method": {"name": "adadfkd", "generator_steps": 1,
                                            "negative_bank_size": 4 * args.batch_size},
            "distill": {"batch_size": args.batch_size}}
     cfg = config_from_dict(raw)
+    device = resolve_device(cfg.runtime)
     info = dataset_info(cfg.data.dataset)
     teacher = freeze(NormalizedClassifier(
         build_classifier(cfg.models.teacher, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -95,6 +102,7 @@ def main() -> int:
     record = {
         "pair": f"{cfg.models.teacher} -> {cfg.models.student}", "batch_size": args.batch_size,
         "steps": args.steps, "threads": torch.get_num_threads(), "device": str(device),
+        "memory_format": args.memory_format,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         **{k: round(v, 3) for k, v in results.items()},

@@ -367,6 +367,11 @@ class RuntimeConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    # How the classifiers' 4-d tensors are laid out in memory (torch.channels_last: NHWC). An
+    # execution choice like threads: the same arithmetic in another order, so results agree to
+    # float rounding, not bit for bit; on CPUs channels_last convolutions are often faster
+    # (bench/results/memory_format.md).
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
 
 

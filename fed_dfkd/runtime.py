@@ -1,4 +1,4 @@
-"""Runtime settings shared by the commands: device, threads, resume identity."""
+"""Runtime settings shared by the commands: device, threads, memory format, resume identity."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from fed_dfkd.config import ExperimentConfig, RuntimeConfig, config_hash
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    """Apply the process-wide runtime settings (threads, memory format); returns the device."""
+    from fed_dfkd.models.registries import set_memory_format
+
     if runtime.threads is not None:
         torch.set_num_threads(runtime.threads)
+    set_memory_format(runtime.memory_format)
     return checked_device(runtime.device, "runtime.device")
 
 
@@ -39,5 +43,6 @@ def checked_device(name: str, option: str) -> torch.device:
 
 def resume_key(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines a run's results: all but how it is displayed/run."""
-    runtime = dataclasses.replace(cfg.runtime, progress="auto", threads=None, device="cpu")
+    runtime = dataclasses.replace(cfg.runtime, progress="auto", threads=None, device="cpu",
+                                  memory_format="contiguous")
     return config_hash(dataclasses.replace(cfg, runtime=runtime))

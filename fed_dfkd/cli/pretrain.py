@@ -6,13 +6,12 @@ import argparse
 import sys
 from typing import Sequence
 
-import torch
-
 from fed_dfkd.cli.common import add_config_arguments, config_from_args, prepare_out_dir
 from fed_dfkd.config import dump_config
 from fed_dfkd.data.teachers import TEACHERS_DIR, TeacherManifest, pretrain_teachers
 from fed_dfkd.errors import UserError
 from fed_dfkd.runs import atomic_write_text
+from fed_dfkd.runtime import resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_clients and not args.central:
         raise UserError("--no-clients without --central leaves no teacher to train")
     out = prepare_out_dir(args.out)
-    if cfg.runtime.threads is not None:
-        torch.set_num_threads(cfg.runtime.threads)
+    resolve_device(cfg.runtime)
     manifests = pretrain_teachers(
         cfg, out, central=args.central, clients=not args.no_clients, force=args.force
     )
