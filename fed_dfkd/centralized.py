@@ -30,7 +30,7 @@ from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.coordinator import Coordinator, round_metrics, synthesis_metrics
 from fed_dfkd.data import DatasetInfo
-from fed_dfkd.models import Classifier
+from fed_dfkd.models import Classifier, to_memory_format
 from fed_dfkd.models.normalized import TeacherEnsemble, freeze
 from fed_dfkd.samples import as_float_images
 from fed_dfkd.seeding import make_rng
@@ -49,7 +49,7 @@ class CentralDistillation:
     ) -> None:
         self.cfg, self.info = cfg, info
         device = torch.device(device)
-        self.teachers = [freeze(t.to(device)) for t in teachers]
+        self.teachers = [freeze(to_memory_format(t.to(device), cfg.runtime.memory_format)) for t in teachers]
         self.teacher: Classifier = (
             self.teachers[0] if len(self.teachers) == 1 else TeacherEnsemble(self.teachers)
         )

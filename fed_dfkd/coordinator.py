@@ -20,7 +20,7 @@ from fed_dfkd.config import DistillConfig, ExperimentConfig
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.distill import ReplayBuffer, StudentTrainer, fit_student
 from fed_dfkd.hard_samples import perturb_towards_errors
-from fed_dfkd.models import Generator, build_classifier, build_generator
+from fed_dfkd.models import Generator, build_classifier, build_generator, to_memory_format
 from fed_dfkd.models.normalized import NormalizedClassifier
 from fed_dfkd.samples import as_float_images, draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import derive_seed, make_rng
@@ -33,7 +33,7 @@ def build_student(cfg: ExperimentConfig, info: DatasetInfo) -> NormalizedClassif
         cfg.models.student, num_classes=info.num_classes, in_channels=info.in_channels,
         image_size=info.image_size,
     )
-    return NormalizedClassifier(net, info.mean, info.std)
+    return NormalizedClassifier(to_memory_format(net, cfg.runtime.memory_format), info.mean, info.std)
 
 
 def build_pseudo_generator(

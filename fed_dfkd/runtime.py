@@ -1,4 +1,4 @@
-"""Runtime settings shared by the commands: device, threads, memory format, resume identity."""
+"""Runtime settings shared by the commands: device, threads, resume identity."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ from fed_dfkd.config import ExperimentConfig, RuntimeConfig, config_hash
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
-    """Apply the process-wide runtime settings (threads, memory format); returns the device."""
-    from fed_dfkd.models.registries import set_memory_format
-
+    """Apply the thread count (process-wide); returns the device."""
     if runtime.threads is not None:
         torch.set_num_threads(runtime.threads)
-    set_memory_format(runtime.memory_format)
     return checked_device(runtime.device, "runtime.device")
 
 

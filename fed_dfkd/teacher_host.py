@@ -27,6 +27,7 @@ from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.coordinator import build_pseudo_generator, build_student, float_state
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
+from fed_dfkd.models import to_memory_format
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
 from fed_dfkd.privacy.client_level import (
     ClientLevelPlan,
@@ -62,7 +63,7 @@ class TeacherHost:
     ) -> None:
         self.cfg, self.manifest, self.info = cfg, manifest, info
         self.device = torch.device(device)
-        self.teacher = freeze(teacher.to(self.device))
+        self.teacher = freeze(to_memory_format(teacher.to(self.device), cfg.runtime.memory_format))
         self.config_key = resume_key(cfg)
         # Local copies of G and S: overwritten by the server's weights every round; only G's
         # optimizer state and the method's state persist here.

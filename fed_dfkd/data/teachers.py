@@ -47,7 +47,7 @@ from fed_dfkd.augment import random_shift
 from fed_dfkd.config import ExperimentConfig, PretrainConfig, config_hash, config_to_dict
 from fed_dfkd.errors import UserError
 from fed_dfkd.metrics import accuracy
-from fed_dfkd.models import build_classifier
+from fed_dfkd.models import build_classifier, to_memory_format
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
 from fed_dfkd.registry import UnknownNameError
 from fed_dfkd.runs import atomic_torch_save, atomic_write_json
@@ -502,7 +502,7 @@ def _train_one_teacher(
             in_channels=info.in_channels,
             image_size=info.image_size,
         )
-    model = NormalizedClassifier(net, info.mean, info.std)
+    model = NormalizedClassifier(to_memory_format(net, cfg.runtime.memory_format), info.mean, info.std)
     statistics: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None
     if cfg.privacy.level == "record":

@@ -9,7 +9,9 @@ Importing this package registers every architecture:
 * generators (``GENERATORS``): ``dcgan``.
 """
 
-from fed_dfkd.models.registries import CLASSIFIERS, GENERATORS, build_classifier, build_generator
+from fed_dfkd.models.registries import (
+    CLASSIFIERS, GENERATORS, MEMORY_FORMATS, build_classifier, build_generator, to_memory_format,
+)
 from fed_dfkd.models.base import Classifier, Normalize
 from fed_dfkd.models.generator import Generator
 from fed_dfkd.models import lenet, resnet, small_cnn, vgg, wrn  # noqa: F401  (registration)
@@ -22,4 +24,6 @@ __all__ = [
     "Normalize",
     "build_classifier",
     "build_generator",
+    "MEMORY_FORMATS",
+    "to_memory_format",
 ]

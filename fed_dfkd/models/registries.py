@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
 from fed_dfkd.registry import Registry
 
@@ -23,39 +24,28 @@ CLASSIFIERS: Registry[ClassifierConstructor] = Registry("classifier")
 GENERATORS: Registry[GeneratorConstructor] = Registry("generator")
 
 
-#: The memory format build_classifier gives the classifiers' 4-d tensors (runtime.memory_format,
-#: set for the process by fed_dfkd.runtime.resolve_device, like torch's thread count).
-_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-_memory_format = "contiguous"
+#: runtime.memory_format's names.
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def set_memory_format(name: str) -> None:
-    """Lay out the classifiers built from now on in ``name`` (``contiguous`` or ``channels_last``)."""
-    global _memory_format
-    if name not in _MEMORY_FORMATS:
-        raise ValueError(f"memory format {name!r} is not one of {sorted(_MEMORY_FORMATS)}")
-    _memory_format = name
-
-
-def memory_format() -> str:
-    """The memory format build_classifier applies now."""
-    return _memory_format
+def to_memory_format(module: nn.Module, name: str) -> nn.Module:
+    """Lay out ``module``'s 4-d parameters and buffers in ``name`` (``runtime.memory_format``),
+    in place; returns the module. With ``channels_last`` (NHWC) its convolutions then run in
+    that layout on any input, and loading a state dict keeps the layout (``copy_`` into the
+    parameter)."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory format {name!r} is not one of {sorted(MEMORY_FORMATS)}")
+    return module.to(memory_format=MEMORY_FORMATS[name])
 
 
 def build_classifier(name: str, *, num_classes: int, in_channels: int, image_size: int) -> Classifier:
-    """Build the classifier registered as ``name``, laid out in the current memory format.
-
-    With ``channels_last`` the convolutions' weights are NHWC, so convolutions run in that
-    layout on any input; loading a state dict keeps the layout (``copy_`` into the parameter).
+    """Build the classifier registered as ``name``.
 
     Raises :class:`fed_dfkd.registry.UnknownNameError` (listing the valid names) for an unknown
     ``name`` and ``ValueError`` for sizes the architecture cannot take.
     """
     constructor = CLASSIFIERS.get(name)
-    model = constructor(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    if _memory_format != "contiguous":
-        model = model.to(memory_format=_MEMORY_FORMATS[_memory_format])
-    return model
+    return constructor(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 
 def build_generator(

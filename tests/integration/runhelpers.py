@@ -18,11 +18,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def tiny(*, rounds: int = 2, clients: int | None = 3, batch_size: int = 32) -> list[str]:
     """Overrides that shrink the quickstart to a federation of about a second: ``rounds`` rounds
-    of one generator and two student steps, 2-epoch teachers (``clients=None`` keeps the
-    config's number of clients)."""
+    of one generator and two student steps, each on its own freshly labelled batch (no replay),
+    2-epoch teachers (``clients=None`` keeps the config's number of clients)."""
     overrides = [
         f"federation.rounds={rounds}",
         "distill.student_steps=2",
+        "distill.pseudo_batches=null",
+        "distill.replay_rounds=0",
         "method.generator_steps=1",
         "models.pretrain.epochs=2",
         f"distill.batch_size={batch_size}",

@@ -34,6 +34,9 @@ BATCH, STUDENT_STEPS = 32, 2
 FAST = [
     f"federation.rounds={ROUNDS}",
     "distill.student_steps=2",
+    # One labelled batch per student step, no replay (the quickstart file labels 5 and replays 4).
+    "distill.pseudo_batches=null",
+    "distill.replay_rounds=0",
     "method.generator_steps=1",
     "models.pretrain.epochs=2",
     f"distill.batch_size={BATCH}",
