@@ -24,7 +24,7 @@ from fed_dfkd.config import config_from_dict
 from fed_dfkd.coordinator import build_pseudo_generator, build_student
 from fed_dfkd.data import dataset_info
 from fed_dfkd.distill import StudentTrainer
-from fed_dfkd.models import build_classifier
+from fed_dfkd.models import MEMORY_FORMATS, build_classifier
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
 from fed_dfkd.runtime import resolve_device
 from fed_dfkd.seeding import make_rng
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--memory-format", choices=["contiguous", "channels_last"], default="contiguous",
+    parser.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="contiguous",
                         help="runtime.memory_format of the teacher and the student")
     args = parser.parse_args()
     raw = {**PAIRS[args.pair], "runtime": {"threads": args.threads, "device": args.device,

@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_clients and not args.central:
         raise UserError("--no-clients without --central leaves no teacher to train")
     out = prepare_out_dir(args.out)
-    resolve_device(cfg.runtime)
     manifests = pretrain_teachers(
-        cfg, out, central=args.central, clients=not args.no_clients, force=args.force
+        cfg, out, central=args.central, clients=not args.no_clients, force=args.force,
+        device=resolve_device(cfg.runtime),
     )
     # Next to the teachers, not in OUT/: a later `distill --out OUT` writes its own resolved config.
     atomic_write_text(out / TEACHERS_DIR / "config.resolved.yaml", dump_config(cfg))

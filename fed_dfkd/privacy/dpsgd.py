@@ -272,7 +272,10 @@ def train_dp_sgd(
     images = torch.as_tensor(images, dtype=torch.float32).cpu()
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     device = torch.device(device)
-    model.to(device)
+    # Contiguous (NCHW) whatever runtime.memory_format says: Opacus's convolution grad sampler
+    # computes wrong per-sample gradients for channels_last weights, so it would clip the wrong
+    # norms (tests/unit/test_dpsgd.py). Where the teacher is used later it is laid out again.
+    model.to(device, memory_format=torch.contiguous_format)
     model.train()
 
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size,

@@ -354,3 +354,25 @@ def test_manifest_privacy_field_is_checked(pretrained) -> None:
             TeacherManifest.from_dict({**raw, "privacy": bad})
     with pytest.raises(ValueError, match="class_histogram"):
         TeacherManifest.from_dict({**old, "class_histogram": []})  # only a DP teacher may have none
+
+
+def test_an_nhwc_model_gets_the_per_sample_gradients_of_a_contiguous_one() -> None:
+    """Opacus's convolution grad sampler gives wrong per-sample gradients for channels_last
+    weights (0.06 off on cnn_digits_bn's second conv), which would clip the wrong norms;
+    train_dp_sgd lays the model out contiguously first, so both layouts train the same."""
+    from fed_dfkd.models import build_classifier, to_memory_format
+
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(48, 1, 8, 8, generator=generator), torch.arange(48) % 10
+
+    def trained(layout: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = to_memory_format(build_classifier("cnn_digits_bn", num_classes=10, in_channels=1, image_size=8),
+                               layout)
+        model, _ = train_dp_sgd(make_dp_compatible(net), images, labels, epochs=1, batch_size=16,
+                                make_optimizer=_sgd, noise_multiplier=0.0, max_grad_norm=0.5, delta=DELTA,
+                                accountant="rdp", seed=0, device="cpu")
+        return [p.detach().clone() for p in model.parameters()]
+
+    for ours, reference in zip(trained("channels_last"), trained("contiguous")):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
