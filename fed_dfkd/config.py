@@ -147,10 +147,19 @@ class MethodConfig:
     # layer: the body keeps what it learnt of the teacher's classes, the fresh input layer gives
     # each round's batch its own samples). "input" is `fed-dfkd distill` only.
     generator_reset_scope: Literal["all", "input"] = "all"
+    # With generator_reset_scope "input": every that many rounds the whole of G (body included)
+    # is re-drawn instead, so no body's line of history lasts longer than that (0: never).
+    generator_body_reset_every: int = 0
     # "fresh": every generator step draws new latents, the one-hot term asks for the argmax (the
     # reference). "round": G's steps in round r all fit one seeded latent batch Z to balanced
     # assigned classes Y, and round r + 1's pseudo-batch is that batch, G(Z) (DENSE / CMI).
     generator_latents: Literal["fresh", "round"] = "fresh"
+    # Boundary samples (generator_latents "round"): this fraction of each round's assigned rows
+    # asks the teacher not for its class y alone but for the blend (1 − boundary_mix)·e_y +
+    # boundary_mix·e_y', y' another class drawn per row, so part of the pool lies between two
+    # classes where the teacher's relative logits carry what a confident sample does not. 0: off.
+    boundary_fraction: float = 0.0
+    boundary_mix: float = 0.5
     bn_statistics_weight: float | None = None
     # "absolute": the reference's L_bn; "standardized": each gap in units of the target's spread
     # (fed_dfkd/losses/bn_statistics.py), so every layer of a deep teacher counts alike.
@@ -722,6 +731,18 @@ def _check(cfg: ExperimentConfig) -> None:
     _require(me.generator_steps >= 0, "method.generator_steps", "must be >= 0")
     _require(me.generator_reset or me.generator_reset_scope == "all", "method.generator_reset_scope",
              "says what method.generator_reset re-draws: set generator_reset: true too")
+    _require(math.isfinite(me.boundary_fraction) and 0 <= me.boundary_fraction <= 1, "method.boundary_fraction",
+             "must be in [0, 1] (0: off)")
+    _require(math.isfinite(me.boundary_mix) and 0 < me.boundary_mix <= 0.5, "method.boundary_mix",
+             "must be in (0, 0.5] (the partner class's share of the asked blend)")
+    _require(not me.boundary_fraction or me.generator_latents == "round", "method.boundary_fraction",
+             "asks blends of the round's assigned classes: set method.generator_latents: round")
+    _require(not me.boundary_fraction or not me.one_hot_prior_adjustment, "method.boundary_fraction",
+             "cannot be combined with method.one_hot_prior_adjustment")
+    _require(me.generator_body_reset_every >= 0, "method.generator_body_reset_every", "must be >= 0 (0: never)")
+    _require(me.generator_body_reset_every == 0 or me.generator_reset_scope == "input",
+             "method.generator_body_reset_every", "re-draws the body that generator_reset_scope: input keeps: "
+             "set that too")
     _require(me.class_balance_temperature > 0, "method.class_balance_temperature", "must be > 0")
     _require(me.contrastive_temperature > 0, "method.contrastive_temperature", "must be > 0")
     _require(me.negative_bank_size >= 1, "method.negative_bank_size", "must be >= 1")

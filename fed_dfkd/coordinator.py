@@ -202,9 +202,13 @@ class Coordinator:
     def reset_generator(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """``method.generator_reset``: G back to a fresh initialisation seeded by the round (its
         weights and BN running statistics), and ``optimizer``'s state (Adam's moments) cleared;
-        with ``method.generator_reset_scope: input`` only G's input layer and its moments."""
+        with ``method.generator_reset_scope: input`` only G's input layer and its moments, except
+        in the rounds after the first that ``method.generator_body_reset_every`` divides, which
+        re-draw all of G."""
         fresh = build_pseudo_generator(self.cfg, self.info, reset_round=self.round)
-        whole = self.cfg.method.generator_reset_scope == "all"
+        me = self.cfg.method
+        whole = me.generator_reset_scope == "all" or (
+            me.generator_body_reset_every > 0 and self.round > 0 and self.round % me.generator_body_reset_every == 0)
         target, source = (self.generator, fresh) if whole else (self.generator.project, fresh.project)
         target.load_state_dict(source.state_dict())
         if optimizer is not None:

@@ -85,6 +85,28 @@ def round_latents(
     return latents, labels if device is None else labels.to(device)
 
 
+def boundary_targets(
+    labels: Tensor, num_classes: int, *, fraction: float, mix: float, rng: torch.Generator
+) -> Tensor:
+    """``method.boundary_fraction``: soft targets ``[B, num_classes]`` for assigned ``labels``.
+
+    The first ⌊fraction·B + ½⌋ rows (the labels are shuffled, so a random subset) become
+    (1 − mix)·e_y + mix·e_y', y' drawn uniformly from the other classes by ``rng``; every other
+    row stays the one-hot e_y, so with ``fraction`` 0 the cross-entropy against these targets is
+    the plain one-hot term.
+    """
+    if num_classes < 2:
+        raise ValueError("boundary targets need at least 2 classes")
+    targets = torch.nn.functional.one_hot(labels, num_classes).float()
+    rows = int(fraction * labels.shape[0] + 0.5)
+    if rows:
+        offset = torch.randint(1, num_classes, (rows,), generator=rng, device=rng.device)
+        partner = (labels[:rows] + offset.to(labels.device)) % num_classes
+        targets[:rows] *= 1.0 - mix
+        targets[torch.arange(rows, device=labels.device), partner] += mix
+    return targets
+
+
 @torch.no_grad()
 def draw_pseudo_batches(
     generator: Generator,

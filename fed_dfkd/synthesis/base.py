@@ -36,6 +36,7 @@ from fed_dfkd.losses import (
 )
 from fed_dfkd.models import Classifier, Generator
 from fed_dfkd.registry import Registry
+from fed_dfkd.samples import boundary_targets
 
 SYNTHESIZERS: Registry[type["Synthesizer"]] = Registry("method")
 
@@ -148,7 +149,8 @@ class Synthesizer(abc.ABC):
         Returns ``(loss, terms, cache)`` where ``terms`` holds the unweighted value of every
         computed term and ``cache`` the tensors extra terms need (``teacher_features``,
         ``student_features``, ...). With ``labels`` (a conditional G's target classes) the
-        one-hot term is CE(t, labels) instead of CE(t, argmax t). With ``class_prior`` the
+        one-hot term is CE(t, labels) instead of CE(t, argmax t); ``labels`` may also be soft
+        targets ``[B, C]`` (``method.boundary_fraction``). With ``class_prior`` the
         class-balance term is KL(p̄ ‖ prior) instead of −H(p̄). With
         ``method.one_hot_prior_adjustment`` τ > 0 the one-hot term judges the teacher's logits
         less τ·log ``class_counts`` (the per-class counts of its training data), over the classes
@@ -238,7 +240,9 @@ class Synthesizer(abc.ABC):
         G runs in train mode (batch statistics, as the reference); the student in eval mode so
         its BatchNorm running statistics are not touched; gradients reach only G's parameters.
         With ``latents`` = ``(Z, Y)`` (``method.generator_latents: round``) every step uses that
-        one batch, and the one-hot term asks for the assigned classes Y instead of the argmax.
+        one batch, and the one-hot term asks for the assigned classes Y instead of the argmax
+        (with ``method.boundary_fraction``, blends of Y and a partner class drawn once per call
+        from ``rng``: :func:`~fed_dfkd.samples.boundary_targets`).
         ``class_prior`` (``method.class_balance_prior: teacher``, see :func:`teacher_class_prior`)
         is the class mix the class-balance term asks of this teacher, ``class_counts`` the
         per-class counts of its training data (``method.one_hot_prior_adjustment``). With
@@ -255,8 +259,12 @@ class Synthesizer(abc.ABC):
         generator.train()
         parameters = [p for p in generator.parameters() if p.requires_grad]
         device = next(generator.parameters()).device
+        asked = None
         if latents is not None:
             latents = (latents[0].to(device), latents[1].to(device))
+            if self.method.boundary_fraction:
+                asked = boundary_targets(latents[1], teacher.num_classes, fraction=self.method.boundary_fraction,
+                                         mix=self.method.boundary_mix, rng=rng)
         try:
             for _ in range(steps):
                 if latents is not None:
@@ -270,7 +278,7 @@ class Synthesizer(abc.ABC):
                     images = random_shift(images, max_shift=self.method.synthesis_jitter, generator=rng)
                 loss, terms, cache = self.objective(
                     teacher=teacher, student=student, images=images, progress=progress,
-                    weights=weights, labels=labels, class_prior=class_prior,
+                    weights=weights, labels=labels if asked is None else asked, class_prior=class_prior,
                     class_counts=class_counts,
                 )
                 optimizer.zero_grad(set_to_none=True)

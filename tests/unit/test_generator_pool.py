@@ -118,6 +118,28 @@ def test_an_input_reset_redraws_only_the_input_layer_and_its_moments() -> None:
     assert kept == {id(p) for p in generator.parameters()} - project  # ... and only they
 
 
+def test_a_body_reset_every_k_rounds_redraws_all_of_g_in_those_rounds_only() -> None:
+    cfg = _config(method={"generator_reset": True, "generator_reset_scope": "input",
+                          "generator_body_reset_every": 3})
+    coordinator = Coordinator(cfg, INFO)
+    generator = coordinator.generator
+    for round_index, whole in ((0, False), (2, False), (3, True), (4, False), (6, True)):
+        with torch.no_grad():
+            for parameter in generator.parameters():
+                parameter.add_(1.0)  # stands for a round's training
+        trained = {k: v.clone() for k, v in generator.state_dict().items()}
+        coordinator.round = round_index
+        coordinator.reset_generator()
+        fresh = build_pseudo_generator(cfg, INFO, reset_round=round_index).state_dict()
+        for name, tensor in generator.state_dict().items():
+            redrawn = whole or name.startswith("project.")
+            assert torch.equal(tensor, fresh[name] if redrawn else trained[name]), (round_index, name)
+    with pytest.raises(ConfigError, match="method.generator_body_reset_every"):
+        _config(method={"generator_reset": True, "generator_body_reset_every": 3})
+    with pytest.raises(ConfigError, match="method.generator_body_reset_every"):
+        _config(method={"generator_reset": True, "generator_reset_scope": "input", "generator_body_reset_every": -1})
+
+
 def test_an_input_reset_needs_the_reset_and_a_federation_refuses_it() -> None:
     from fed_dfkd.errors import UserError
     from fed_dfkd.federated import check_federation_settings
