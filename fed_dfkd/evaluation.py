@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.data.teachers import predict_logits
-from fed_dfkd.metrics import accuracy, agreement, probability_loyalty
+from fed_dfkd.metrics import accuracy, agreement, per_class_accuracy, probability_loyalty
 from fed_dfkd.models import Classifier
 
 
@@ -31,25 +31,30 @@ class Evaluator:
         self.teacher_accuracies = [accuracy(logits, labels) for logits in member_logits]
         self.ensemble_logits = aggregate_logits(member_logits, rule=rule, weights=weights)
         self.ensemble_accuracy = accuracy(self.ensemble_logits, labels)
+        self.num_classes = int(self.ensemble_logits.shape[1])
+        self.ensemble_per_class = per_class_accuracy(self.ensemble_logits, labels, self.num_classes)
 
     @property
     def best_teacher_accuracy(self) -> float:
         return max(self.teacher_accuracies)
 
-    def evaluate(self, student: Classifier) -> dict[str, float]:
+    def evaluate(self, student: Classifier) -> dict[str, Any]:
+        """Accuracy, Agree@1 and L_p against the ensemble, and ``per_class_accuracy`` (a list
+        over the classes, None for a class the test split lacks)."""
         logits = predict_logits(student, self.images, batch_size=self.batch_size)
         return {
             "student_accuracy": accuracy(logits, self.labels),
             "agreement": agreement(logits, self.ensemble_logits),
             "probability_loyalty": probability_loyalty(logits, self.ensemble_logits),
+            "per_class_accuracy": per_class_accuracy(logits, self.labels, self.num_classes),
         }
 
 
 class ScoresStudents(Protocol):
-    def evaluate(self, student: Classifier) -> dict[str, float]: ...
+    def evaluate(self, student: Classifier) -> dict[str, Any]: ...
 
 
-def evaluate_round(evaluator: ScoresStudents, coordinator: Any) -> dict[str, float]:
+def evaluate_round(evaluator: ScoresStudents, coordinator: Any) -> dict[str, Any]:
     """The round's evaluation of ``coordinator``'s student; after a final fit
     (``distill.final_fit_steps``) also ``student_accuracy_before_fit``, the accuracy of the
     student the fit replaced, so one run shows what the fit did."""

@@ -153,6 +153,38 @@ def plot_accuracy(
                 ylim=ylim)
 
 
+def plot_per_class(
+    path: PathLike,
+    classes: Sequence[str],
+    series: Mapping[str, Sequence[float | None] | None],
+) -> None:
+    """Grouped bars: each series' accuracy on every class (a None series or value is left out),
+    so a class the student lags on stands out beside the teachers' bar."""
+    shown = {label: values for label, values in series.items() if values is not None}
+    width_px = max(720, 60 * len(classes) + 160)
+    figure = _new_figure(width_px=width_px, height_px=450)
+    axes = figure.add_subplot()
+    bar = 0.8 / max(len(shown), 1)
+    for index, (label, values) in enumerate(shown.items()):
+        points = [(k, number) for k, number in enumerate(map(_finite_number, values)) if number is not None]
+        axes.bar([k - 0.4 + bar * (index + 0.5) for k, _ in points], [v for _, v in points], width=bar,
+                 label=label)
+    axes.set_xticks(range(len(classes)))
+    axes.set_xticklabels(list(classes), rotation=30 if max(map(len, classes), default=0) > 3 else 0,
+                         ha="right" if max(map(len, classes), default=0) > 3 else "center", fontsize=9)
+    axes.set_ylim(0.0, 1.05)
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Accuracy per class")
+    axes.grid(True, axis="y", alpha=0.3)
+    if shown:
+        axes.legend(loc="lower right", fontsize=9)
+    else:
+        axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center", va="center",
+                  color="0.5", fontsize=14)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
 def plot_epsilon(
     path: PathLike,
     history: Sequence[Mapping[str, Any]],

@@ -3,8 +3,8 @@
 Report keys (issue 2): ``method``, ``dataset``, ``num_clients``, ``dirichlet_alpha``,
 ``rounds_completed``, ``wall_seconds``, ``student_accuracy``, ``teacher_accuracies``,
 ``ensemble_accuracy``, ``best_teacher_accuracy``, ``agreement``, ``probability_loyalty`` and
-``history`` (one dict per round with at least ``step`` and ``student_accuracy``). Accuracies
-are fractions in [0, 1]. Later engines add their own keys through ``extra``.
+``history`` (one dict per round with at least ``step`` and ``student_accuracy``), and
+``per_class_accuracy`` (student and ensemble per test class). Accuracies are fractions in [0, 1]. Later engines add their own keys through ``extra``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def build_report(
     teacher_accuracies: Sequence[float],
     ensemble_accuracy: float,
     extra: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    ensemble_per_class: Sequence[float | None] | None = None,
 ) -> dict[str, Any]:
     accuracies = [r["student_accuracy"] for r in history if r.get("student_accuracy") is not None]
     student_accuracy = last_evaluated(history, "student_accuracy")
@@ -74,9 +76,26 @@ def build_report(
         "seed": cfg.runtime.seed,
         "config_hash": config_hash(cfg),
     }
+    report["per_class_accuracy"] = per_class_report(history, class_names, ensemble_per_class)
     report.update(extra or {})
     report["history"] = [{k: r[k] for k in HISTORY_KEYS if k in r} for r in history]
     return report
+
+
+def per_class_report(
+    history: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str] | None,
+    ensemble_per_class: Sequence[float | None] | None,
+) -> dict[str, Any] | None:
+    """``report["per_class_accuracy"]``: the last evaluated student's accuracy on each class of
+    the test split beside the teachers' ensemble's, with the class names; None before any
+    evaluation (or when the evaluations carried no per-class accuracies)."""
+    student = next((r["per_class_accuracy"] for r in reversed(history) if r.get("per_class_accuracy")), None)
+    if student is None:
+        return None
+    names = list(class_names) if class_names is not None else [str(k) for k in range(len(student))]
+    return {"classes": names, "student": list(student),
+            "ensemble": list(ensemble_per_class) if ensemble_per_class is not None else None}
 
 
 def write_plots(
@@ -88,8 +107,9 @@ def write_plots(
     samples: Any = None,
     sample_labels: Sequence[str] | None = None,
     epsilon_budget: float | None = None,
+    per_class: Mapping[str, Any] | None = None,
 ) -> None:
-    from fed_dfkd.plots import plot_accuracy, plot_curves, plot_epsilon, save_image_grid
+    from fed_dfkd.plots import plot_accuracy, plot_curves, plot_epsilon, plot_per_class, save_image_grid
 
     plot_accuracy(plots_dir / "accuracy.png", list(history),
                   teacher_accuracy=teacher_accuracy, ensemble_accuracy=ensemble_accuracy)
@@ -100,6 +120,9 @@ def write_plots(
                     title="Curriculum: what the student is paced on", ylabel="value", xlabel="round")
     if any(r.get("epsilon") is not None for r in history):
         plot_epsilon(plots_dir / "epsilon.png", list(history), epsilon_budget=epsilon_budget)
+    if per_class is not None:
+        plot_per_class(plots_dir / "per_class.png", per_class["classes"],
+                       {"student": per_class["student"], "teacher ensemble": per_class["ensemble"]})
     if samples is not None:
         save_image_grid(plots_dir / "samples.png", samples, nrow=8,
                         labels=list(sample_labels) if sample_labels is not None else None)

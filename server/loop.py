@@ -68,7 +68,7 @@ from fed_dfkd.config import ExperimentConfig, dump_config, load_config
 from fed_dfkd.errors import UserError
 from fed_dfkd.evaluation import Evaluator, evaluate_round, predict_logits
 from fed_dfkd.federated import FederatedServer, check_federation_settings, teacher_weights
-from fed_dfkd.metrics import accuracy
+from fed_dfkd.metrics import accuracy, per_class_accuracy
 from fed_dfkd.privacy.client_level import sampled_per_round
 from fed_dfkd.progress import RoundProgress
 from fed_dfkd.protocol import ClientUpdate, RefusalData, RoundInstruction
@@ -335,9 +335,10 @@ class StudentEvaluator:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
-    def evaluate(self, student: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, student: torch.nn.Module) -> dict[str, Any]:
         logits = predict_logits(student, self.images, batch_size=self.batch_size)
-        return {"student_accuracy": accuracy(logits, self.labels)}
+        return {"student_accuracy": accuracy(logits, self.labels),
+                "per_class_accuracy": per_class_accuracy(logits, self.labels, int(logits.shape[1]))}
 
 
 @dataclass
@@ -615,6 +616,9 @@ class ServerLoop:
             cfg, history=self.history,
             wall_seconds=self.wall_offset + time.perf_counter() - self.started,
             teacher_accuracies=accuracies, ensemble_accuracy=self.reference.ensemble_accuracy,
+            class_names=self.server.info.class_names,
+            ensemble_per_class=(self.reference.evaluator.ensemble_per_class
+                                if self.reference.evaluator is not None else None),
             extra={
                 "engine": self.settings.engine, "mode": cfg.federation.mode,
                 # The pretrain folder the owners' teachers came from (fed-dfkd audit reads it).
@@ -758,7 +762,8 @@ class ServerLoop:
         write_plots(self.run_dir.plots_dir, self.history,
                     teacher_accuracy=final["best_teacher_accuracy"],
                     ensemble_accuracy=final["ensemble_accuracy"], samples=self.plot_samples,
-                    sample_labels=self.plot_labels, epsilon_budget=final.get("epsilon_max"))
+                    sample_labels=self.plot_labels, epsilon_budget=final.get("epsilon_max"),
+                    per_class=final["per_class_accuracy"])
         logger.info("federation %s after %d rounds: student accuracy %s, %d bytes up, %d down, "
                     "%d rejected, %d refused", self.status, final["rounds_completed"],
                     _fmt(final["student_accuracy"]), self.totals.bytes_up, self.totals.bytes_down,

@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             cfg, history=history, wall_seconds=wall_offset + time.perf_counter() - started,
             teacher_accuracies=evaluator.teacher_accuracies,
             ensemble_accuracy=evaluator.ensemble_accuracy,
+            class_names=splits.info.class_names, ensemble_per_class=evaluator.ensemble_per_class,
             extra={"engine": "central", "teacher_source": source, "data_source": splits.source,
                    "teachers_dir": str(teacher_dir.resolve()),
                    "device": str(device), **privacy},
@@ -170,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     samples = engine.last_samples[:64] if engine.last_samples is not None else None
     write_plots(run_dir.plots_dir, history, teacher_accuracy=final["best_teacher_accuracy"],
                 ensemble_accuracy=final["ensemble_accuracy"], samples=samples,
-                sample_labels=sample_labels(samples) if samples is not None else None)
+                sample_labels=sample_labels(samples) if samples is not None else None,
+                per_class=final["per_class_accuracy"])
     print(
         f"student accuracy {final['student_accuracy']:.4f} "
         f"(teacher {final['best_teacher_accuracy']:.4f}, ensemble {final['ensemble_accuracy']:.4f}, "

@@ -130,10 +130,15 @@ def test_distill_writes_the_run_folder(tmp_path, capsys):
     assert [h["step"] for h in report["history"]] == [1, 2, 3]
     assert all(0 <= h["student_accuracy"] <= 1 for h in report["history"])
     assert report["student_accuracy"] == report["history"][-1]["student_accuracy"]
+    per_class = report["per_class_accuracy"]
+    assert per_class["classes"] == [str(k) for k in range(10)] and len(per_class["student"]) == 10
+    assert all(0 <= a <= 1 for a in per_class["student"] + per_class["ensemble"])
+    # The report takes the last evaluated round of metrics.jsonl.
+    assert read_metrics(out)[-1]["per_class_accuracy"] == per_class["student"]
 
     checkpoint = load_checkpoint(out)
     assert checkpoint["round"] == ROUNDS and checkpoint["engine"]["coordinator"]["round"] == ROUNDS
-    for name in ("accuracy.png", "samples.png"):
+    for name in ("accuracy.png", "samples.png", "per_class.png"):
         assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC, name
 
 

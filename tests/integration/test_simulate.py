@@ -89,7 +89,7 @@ def test_simulate_inprocess_writes_every_output_and_report_key(tmp_path, capsys)
     assert not (out / "teachers" / "central.pt").exists()
     for name in ("config.resolved.yaml", "metrics.jsonl", "report.json", "checkpoints/last.pt"):
         assert (out / name).is_file(), name
-    for name in ("accuracy.png", "samples.png"):
+    for name in ("accuracy.png", "samples.png", "per_class.png"):
         assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC, name
 
     metrics = read_metrics(out)
