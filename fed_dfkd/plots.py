@@ -172,12 +172,13 @@ def plot_per_class(
     axes.set_xticks(range(len(classes)))
     axes.set_xticklabels(list(classes), rotation=30 if max(map(len, classes), default=0) > 3 else 0,
                          ha="right" if max(map(len, classes), default=0) > 3 else "center", fontsize=9)
-    axes.set_ylim(0.0, 1.05)
+    axes.set_ylim(0.0, 1.15)  # room for the legend above the bars
+    axes.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axes.set_ylabel("test accuracy")
     axes.set_title("Accuracy per class")
     axes.grid(True, axis="y", alpha=0.3)
     if shown:
-        axes.legend(loc="lower right", fontsize=9)
+        axes.legend(loc="upper center", ncol=len(shown), fontsize=9)
     else:
         axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center", va="center",
                   color="0.5", fontsize=14)
