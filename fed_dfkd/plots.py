@@ -169,9 +169,10 @@ def plot_per_class(
         points = [(k, number) for k, number in enumerate(map(_finite_number, values)) if number is not None]
         axes.bar([k - 0.4 + bar * (index + 0.5) for k, _ in points], [v for _, v in points], width=bar,
                  label=label)
+    slanted = max(map(len, classes), default=0) > 3  # class names, not digits: tilt them
     axes.set_xticks(range(len(classes)))
-    axes.set_xticklabels(list(classes), rotation=30 if max(map(len, classes), default=0) > 3 else 0,
-                         ha="right" if max(map(len, classes), default=0) > 3 else "center", fontsize=9)
+    axes.set_xticklabels(list(classes), rotation=30 if slanted else 0, ha="right" if slanted else "center",
+                         fontsize=9)
     axes.set_ylim(0.0, 1.15)  # room for the legend above the bars
     axes.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axes.set_ylabel("test accuracy")

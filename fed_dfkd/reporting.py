@@ -4,7 +4,8 @@ Report keys (issue 2): ``method``, ``dataset``, ``num_clients``, ``dirichlet_alp
 ``rounds_completed``, ``wall_seconds``, ``student_accuracy``, ``teacher_accuracies``,
 ``ensemble_accuracy``, ``best_teacher_accuracy``, ``agreement``, ``probability_loyalty`` and
 ``history`` (one dict per round with at least ``step`` and ``student_accuracy``), and
-``per_class_accuracy`` (student and ensemble per test class). Accuracies are fractions in [0, 1]. Later engines add their own keys through ``extra``.
+``per_class_accuracy`` (student and ensemble per test class). Accuracies are fractions in
+[0, 1]. Later engines add their own keys through ``extra``.
 """
 
 from __future__ import annotations

@@ -352,6 +352,10 @@ class TeacherReference:
     def ensemble_accuracy(self) -> float | None:
         return self.evaluator.ensemble_accuracy if self.evaluator is not None else None
 
+    @property
+    def ensemble_per_class(self) -> list[float | None] | None:
+        return self.evaluator.ensemble_per_class if self.evaluator is not None else None
+
     def ordered_accuracies(self) -> list[float]:
         return [self.accuracies[k] for k in sorted(self.accuracies)]
 
@@ -617,8 +621,7 @@ class ServerLoop:
             wall_seconds=self.wall_offset + time.perf_counter() - self.started,
             teacher_accuracies=accuracies, ensemble_accuracy=self.reference.ensemble_accuracy,
             class_names=self.server.info.class_names,
-            ensemble_per_class=(self.reference.evaluator.ensemble_per_class
-                                if self.reference.evaluator is not None else None),
+            ensemble_per_class=self.reference.ensemble_per_class,
             extra={
                 "engine": self.settings.engine, "mode": cfg.federation.mode,
                 # The pretrain folder the owners' teachers came from (fed-dfkd audit reads it).
