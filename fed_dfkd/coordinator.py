@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -25,6 +27,8 @@ from fed_dfkd.models.normalized import NormalizedClassifier
 from fed_dfkd.samples import as_float_images, draw_pseudo_batches, round_latents
 from fed_dfkd.seeding import derive_seed, make_rng
 from fed_dfkd.synthesis import Progress
+
+logger = logging.getLogger(__name__)
 
 
 def build_student(cfg: ExperimentConfig, info: DatasetInfo) -> NormalizedClassifier:
@@ -298,10 +302,21 @@ class Coordinator:
         redone with its round. ``bench/pool_retrain.py`` reproduces it from the checkpoint.
         """
         images, targets = self.replay.samples()
+        steps, chunk = self.cfg.distill.final_fit_steps, self.cfg.distill.student_steps
+        logger.info("final fit: a fresh student, %d steps on %d pooled samples", steps, len(images))
+        started = time.monotonic()
+
+        def log_progress(_: StudentTrainer, i: int, n: int) -> None:
+            # About one line per tenth of the fit: it can take minutes after the last round.
+            if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
+                logger.info("final fit: %d/%d steps, %.0f s", min(steps, (i + 1) * chunk), steps,
+                            time.monotonic() - started)
+
         trainer, report = fit_fresh_student(self.cfg, self.info, images, targets,
-                                            steps=self.cfg.distill.final_fit_steps, device=self.device,
+                                            steps=steps, device=self.device,
                                             relabel=relabel, teacher_features=self.teacher_features,
-                                            teacher_feature_dim=self.teacher_feature_dim)
+                                            teacher_feature_dim=self.teacher_feature_dim,
+                                            after_chunk=log_progress)
         self.pre_fit_student = copy.deepcopy(self.evaluated_student)
         self.student.load_state_dict(trainer.student.state_dict())
         self.trainer.load_state_dict(trainer.state_dict())

@@ -216,3 +216,18 @@ def test_the_last_round_s_evaluation_also_scores_the_student_the_fit_replaced() 
     assert metrics["student_accuracy"] != online
     assert fitted.pre_fit_student is None  # taken once, not kept in memory
     assert "student_accuracy_before_fit" not in evaluate_round(evaluator, fitted)
+
+
+def test_the_fit_logs_about_one_line_per_tenth_and_its_last_step(caplog: pytest.LogCaptureFixture) -> None:
+    # 45 steps in chunks of 2: 23 chunks, a line every 2 chunks and at the last one.
+    c = Coordinator(_config(final_fit_steps=45), INFO)
+    for r in range(2):
+        c.train_student(*_round_data(r))
+        c.end_round()
+    with caplog.at_level("INFO", logger="fed_dfkd.coordinator"):
+        c.train_student(*_round_data(2))  # the last of 3 rounds
+    lines = [r.getMessage() for r in caplog.records if r.name == "fed_dfkd.coordinator"]
+    assert lines[0] == "final fit: a fresh student, 45 steps on 48 pooled samples"
+    steps = [int(line.split()[2].split("/")[0]) for line in lines[1:]]
+    assert steps == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 45]
+    assert all(line.split()[2].endswith("/45") for line in lines[1:])
