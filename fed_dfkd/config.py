@@ -164,6 +164,11 @@ class MethodConfig:
     # "absolute": the reference's L_bn; "standardized": each gap in units of the target's spread
     # (fed_dfkd/losses/bn_statistics.py), so every layer of a deep teacher counts alike.
     bn_statistics_scale: Literal["absolute", "standardized"] = "absolute"
+    # Per class: each class's rows of G's batch are matched to the statistics of that class's
+    # real images (the owner's, measured once at pretraining, never sent) instead of the whole
+    # batch to the running statistics (fed_dfkd/losses/bn_statistics.py). Needs assigned classes
+    # (generator_latents "round") and a teacher with BatchNorm.
+    bn_statistics_per_class: bool = False
     one_hot_weight: float | None = None
     class_balance_weight: float | None = None
     class_balance_temperature: float | None = None
@@ -848,6 +853,12 @@ def _check(cfg: ExperimentConfig) -> None:
              "method.class_balance_prior",
              "teacher needs federation.mode: generator_and_logits (in logits_only the server's "
              "generator steps see the whole ensemble, not one owner's teacher)")
+    _require(not me.bn_statistics_per_class or me.generator_latents == "round",
+             "method.bn_statistics_per_class", "needs method.generator_latents: round (each row's class)")
+    _require(not me.bn_statistics_per_class or fe.mode == "generator_and_logits",
+             "method.bn_statistics_per_class", "needs federation.mode: generator_and_logits")
+    _require(not me.bn_statistics_per_class or pr.level != "record", "method.bn_statistics_per_class",
+             "cannot be used with privacy.level: record (a DP teacher has no exact per-class statistics)")
     _require(math.isfinite(me.one_hot_prior_adjustment) and me.one_hot_prior_adjustment >= 0,
              "method.one_hot_prior_adjustment", "must be a finite number >= 0 (0: off)")
     _require(not me.one_hot_prior_adjustment or fe.mode == "generator_and_logits",

@@ -27,6 +27,7 @@ from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.coordinator import build_pseudo_generator, build_student, float_state
 from fed_dfkd.data import DatasetInfo
 from fed_dfkd.data.teachers import TeacherManifest
+from fed_dfkd.errors import UserError
 from fed_dfkd.models import to_memory_format
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
 from fed_dfkd.privacy.client_level import (
@@ -76,6 +77,10 @@ class TeacherHost:
             student_feature_dim=self.student.feature_dim,
             seed=cfg.runtime.seed,
         )
+        if cfg.method.bn_statistics_per_class and not getattr(self.teacher, "class_feature_targets", None):
+            raise UserError(f"teacher {manifest.name}: method.bn_statistics_per_class needs per-class "
+                            "feature statistics in its teacher file; run `fed-dfkd pretrain` with this "
+                            "config, which adds them")
         # The owner's own class mix, used here only (it never leaves in this form).
         self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method,
                                                device=self.device)

@@ -481,8 +481,9 @@ def _train_one_teacher(
     partition_id: int | None,
     expected_hash: str,
     device: torch.device,
-) -> tuple[NormalizedClassifier, TeacherManifest, dict[str, Any] | None]:
-    """Train one teacher; returns it, its manifest and (DP teachers) its feature statistics."""
+) -> tuple[NormalizedClassifier, TeacherManifest, dict[str, Any] | None, dict[str, Any] | None]:
+    """Train one teacher; returns it, its manifest, (DP teachers) its released feature statistics
+    and (other teachers) its per-class statistics (:func:`class_feature_statistics`)."""
     info = splits.info
     if indices is None:
         images, labels = splits.train_images, splits.train_labels
@@ -525,6 +526,8 @@ def _train_one_teacher(
     test_accuracy = evaluate_accuracy(
         model, splits.test_images, splits.test_labels, batch_size=cfg.data.eval_batch_size
     )
+    class_statistics = None if cfg.privacy.level == "record" else class_feature_statistics(
+        model, images, labels, num_classes=info.num_classes, batch_size=cfg.data.eval_batch_size)
     wall_seconds = time.perf_counter() - started
     manifest = TeacherManifest(
         architecture=cfg.models.teacher,
@@ -546,7 +549,7 @@ def _train_one_teacher(
         history=history,
         privacy=privacy,
     )
-    return model, manifest, statistics
+    return model, manifest, statistics, class_statistics
 
 
 def _train_private_teacher(
@@ -657,13 +660,68 @@ def _train_private_teacher(
     return model, history, entry, statistics
 
 
+CLASS_STATISTICS_KEY = "class_feature_statistics"
+
+
+@torch.no_grad()
+def class_feature_statistics(
+    model: nn.Module, images: Tensor, labels: Tensor, *, num_classes: int, batch_size: int = 1024
+) -> dict[str, Any]:
+    """Per-class statistics of the inputs of ``model``'s normalisation layers on real images.
+
+    For every normalisation layer l and class k: the per-channel mean and **biased** variance
+    over the images of class k and all positions, i.e. the statistics BatchNorm would record on
+    a batch of class k alone (``method.bn_statistics_per_class``). Computed once by the owner
+    on its own training data with the trained teacher in eval mode; kept in its teacher file and
+    never sent. Rows of classes with no image are NaN. Returns ``{"layers": {name: {"mean":
+    [K, C], "var": [K, C]}}, "counts": [K]}`` (tensors and ints only).
+    """
+    from fed_dfkd.privacy.feature_statistics import normalization_layer_names, sample_moments
+
+    names = normalization_layer_names(model)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    sums: Tensor | None = None
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            moments = sample_moments(model, images[start : start + batch_size].to(device), layers=names).cpu()
+            if sums is None:
+                sums = torch.zeros(num_classes, moments.shape[1], dtype=torch.float64)
+            batch_labels = labels[start : start + batch_size]
+            sums.index_add_(0, batch_labels, moments)
+            counts += torch.bincount(batch_labels, minlength=num_classes).double()
+    finally:
+        model.train(was_training)
+    layers: dict[str, dict[str, Tensor]] = {}
+    if sums is not None:
+        means = sums / counts.clamp(min=1).unsqueeze(1)
+        means[counts == 0] = float("nan")
+        offset = 0
+        modules = dict(model.named_modules())
+        from fed_dfkd.losses.bn_statistics import num_channels
+
+        for name in names:
+            channels = num_channels(modules[name])
+            mean = means[:, offset : offset + channels]
+            square = means[:, offset + channels : offset + 2 * channels]
+            offset += 2 * channels
+            layers[name] = {"mean": mean.float(), "var": (square - mean.square()).clamp(min=0).float()}
+    return {"layers": layers, "counts": [int(c) for c in counts.tolist()]}
+
+
 def _save_teacher(
-    model: nn.Module, manifest: TeacherManifest, path: Path, statistics: dict[str, Any] | None = None
+    model: nn.Module, manifest: TeacherManifest, path: Path, statistics: dict[str, Any] | None = None,
+    class_statistics: dict[str, Any] | None = None,
 ) -> None:
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     saved: dict[str, Any] = {"manifest": manifest.to_dict(), "state_dict": state}
     if statistics is not None:
         saved["feature_statistics"] = statistics
+    if class_statistics is not None:
+        saved[CLASS_STATISTICS_KEY] = class_statistics
     # Weights first: the .json is the cache key, so it must never announce a missing .pt.
     atomic_torch_save(saved, path)
     atomic_write_json(path.with_suffix(".json"), manifest.to_dict())
@@ -752,12 +810,15 @@ def pretrain_teachers(
                 cached.name, path, cached.test_accuracy, expected_hash,
                 "" if cached.privacy is None else f", ε = {cached.privacy['epsilon']:.3f}",
             )
+            if cfg.method.bn_statistics_per_class and cached.privacy is None:
+                _add_class_statistics(path, splits, indices, num_classes=info.num_classes,
+                                      batch_size=cfg.data.eval_batch_size, device=device)
             manifests.append(cached)
             continue
-        model, manifest, statistics = _train_one_teacher(
+        model, manifest, statistics, class_statistics = _train_one_teacher(
             cfg, splits, indices, partition_id=partition_id, expected_hash=expected_hash, device=device
         )
-        _save_teacher(model, manifest, path, statistics)
+        _save_teacher(model, manifest, path, statistics, class_statistics)
         if manifest.privacy is None:
             logger.info(
                 "teacher %s: %d train images, test accuracy %.4f, %.1f s -> %s",
@@ -773,6 +834,24 @@ def pretrain_teachers(
             )
         manifests.append(manifest)
     return manifests
+
+
+def _add_class_statistics(path: Path, splits: Any, indices: np.ndarray | None, *, num_classes: int,
+                          batch_size: int, device: torch.device) -> None:
+    """Give a cached teacher file made before they existed its per-class statistics."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get(CLASS_STATISTICS_KEY) is not None:
+        return
+    model, _ = load_teacher(path, device=device)
+    if indices is None:
+        images, labels = splits.train_images, splits.train_labels
+    else:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images, labels = splits.train_images[index], splits.train_labels[index]
+    saved[CLASS_STATISTICS_KEY] = class_feature_statistics(model, images, labels, num_classes=num_classes,
+                                                           batch_size=batch_size)
+    atomic_torch_save(saved, path)
+    logger.info("teacher %s: per-class feature statistics added", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -829,6 +908,8 @@ def load_teacher(
     freeze(model)
     if saved.get("feature_statistics") is not None:
         _attach_feature_statistics(model, saved["feature_statistics"], path=path, hint=hint)
+    if saved.get(CLASS_STATISTICS_KEY) is not None:
+        _attach_class_statistics(model, saved[CLASS_STATISTICS_KEY], path=path, hint=hint)
     return model, manifest
 
 
@@ -867,6 +948,18 @@ def _attach_feature_statistics(model: NormalizedClassifier, raw: Any, *, path: P
         })
     except (ValueError, TypeError, AttributeError) as error:
         raise UserError(f"teacher file {path} has bad feature statistics: {error}; {hint}") from None
+
+
+def _attach_class_statistics(model: NormalizedClassifier, raw: Any, *, path: Path, hint: str) -> None:
+    """The owner's per-class statistics as ``model.class_feature_targets``."""
+    try:
+        device = _model_device(model)
+        model.set_class_feature_targets({
+            str(name): (entry["mean"].to(device), entry["var"].to(device))
+            for name, entry in dict(raw["layers"]).items()
+        })
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"teacher file {path} has bad per-class feature statistics: {error}; {hint}") from None
 
 
 def load_teachers(

@@ -74,6 +74,18 @@ class BatchNormStatistics:
     the early layers, which shape the image, hardly count; the standardized form is invariant
     to each channel's scale and weighs the layers alike.
 
+    Per class (``method.bn_statistics_per_class``, a deviation from the reference): with
+    ``class_targets[name] = (mean, var)``, each ``[K, C]`` (row k: the layer input's statistics
+    over the owner's real images of class k, NaN for a class it has none of) and
+    ``row_classes`` (the class each row of the batch was generated for), the layer's term is
+
+        Σ_k (n_k / n) ( ‖μ_{l,k} − μ̂_{l,k}‖₂ + ‖σ²_{l,k} − σ̂²_{l,k}‖₂ )
+
+    over the classes k with a target and n_k ≥ 2 rows (n their rows in all), μ_{l,k} and σ²_{l,k}
+    the statistics of those rows alone (standardized by the class's own spread with
+    ``scale="standardized"``). Where no class of the batch qualifies, the layer falls back to the
+    term above.
+
     Usage::
 
         with BatchNormStatistics(teacher) as bn_statistics:
@@ -94,12 +106,19 @@ class BatchNormStatistics:
         *,
         targets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
         scale: Literal["absolute", "standardized"] = "absolute",
+        class_targets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+        row_classes: Tensor | None = None,
     ) -> None:
         if scale not in BN_STATISTICS_SCALES:
             raise ValueError(f"scale must be one of {BN_STATISTICS_SCALES}, got {scale!r}")
+        if (class_targets is None) != (row_classes is None):
+            raise ValueError("class_targets and row_classes go together")
         self.model = model
         self.scale = scale
         targets = dict(targets or {})
+        # Per-class targets: {name: (mean [K, C], var [K, C])}, NaN rows for classes without.
+        self._class_targets: dict[str, tuple[Tensor, Tensor]] = {}
+        self._row_classes = None if row_classes is None else row_classes.detach().long()
         normalization_layers = {
             name: module
             for name, module in model.named_modules()
@@ -123,13 +142,26 @@ class BatchNormStatistics:
                         f"got {tuple(mean.shape)} and {tuple(var.shape)}"
                     )
                 self._targets[name] = (mean.detach(), var.detach())
+            elif class_targets is not None and name in class_targets:
+                pass  # a BN layer with per-class targets (checked below)
             elif not isinstance(module, _BATCH_NORM_TYPES):
                 continue  # no target and no running statistics to compare with
             elif module.running_mean is None or module.running_var is None:
                 logger.debug("BatchNorm layer %r has no running statistics; skipped", name)
                 continue
+            if class_targets is not None and name in class_targets:
+                mean, var = class_targets[name]
+                channels = num_channels(module)
+                if mean.dim() != 2 or mean.shape[1] != channels or mean.shape != var.shape:
+                    raise ValueError(f"class_targets[{name!r}] must be two tensors of shape "
+                                     f"(classes, {channels}), got {tuple(mean.shape)} and {tuple(var.shape)}")
+                self._class_targets[name] = (mean.detach(), var.detach())
             self._layers.append((name, module))
+        unknown = sorted(set(class_targets or {}) - set(normalization_layers))
+        if unknown:
+            raise ValueError(f"class_targets name modules that are not normalisation layers: {unknown}")
         self._statistics: dict[str, tuple[Tensor, Tensor]] = {}
+        self._class_statistics: dict[str, list[tuple[int, int, Tensor, Tensor]]] = {}
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -170,6 +202,7 @@ class BatchNormStatistics:
 
     def _clear_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
         self._statistics.clear()
+        self._class_statistics.clear()
 
     def _make_record_hook(self, name: str):
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -177,8 +210,40 @@ class BatchNormStatistics:
             reduce_dims = [0, *range(2, features.dim())]
             var, mean = torch.var_mean(features, dim=reduce_dims, correction=0)
             self._statistics[name] = (mean, var)
+            if name in self._class_targets:
+                self._class_statistics[name] = self._per_class(name, features)
 
         return record
+
+    def _per_class(self, name: str, features: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
+        """(class, rows, mean, var) of the rows of every class that has a target and >= 2 rows."""
+        rows = self._row_classes
+        if rows is None or rows.shape != (features.shape[0],):
+            raise ValueError(f"row_classes must have one class per row of the batch "
+                             f"({features.shape[0]}), got {None if rows is None else tuple(rows.shape)}")
+        rows = rows.to(features.device)
+        target_mean, _ = self._class_targets[name]
+        reduce_dims = [0, *range(2, features.dim())]
+        groups = []
+        for label in torch.unique(rows).tolist():
+            chosen = rows == label
+            count = int(chosen.sum())
+            if count < 2 or not 0 <= label < target_mean.shape[0] or not bool(
+                torch.isfinite(target_mean[label]).all()
+            ):
+                continue
+            var, mean = torch.var_mean(features[chosen], dim=reduce_dims, correction=0)
+            groups.append((int(label), count, mean, var))
+        return groups
+
+    def _gap(self, module: nn.Module, mean: Tensor, var: Tensor, target_mean: Tensor, target_var: Tensor) -> Tensor:
+        target_mean = target_mean.to(device=mean.device, dtype=mean.dtype)
+        target_var = target_var.to(device=var.device, dtype=var.dtype)
+        mean_gap, var_gap = mean - target_mean, var - target_var
+        if self.scale == "standardized":
+            spread = target_var.clamp(min=0) + float(getattr(module, "eps", 1e-5))
+            mean_gap, var_gap = mean_gap / spread.sqrt(), var_gap / spread
+        return torch.linalg.vector_norm(mean_gap) + torch.linalg.vector_norm(var_gap)
 
     def layer_losses(self) -> list[Tensor]:
         """Per-layer terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ (standardized: divided by the target's
@@ -194,18 +259,25 @@ class BatchNormStatistics:
             raise RuntimeError(f"the last forward pass did not reach normalisation layers {missing}")
         losses = []
         for name, module in self._layers:
+            groups = self._class_statistics.get(name)
+            if groups:
+                # Per class: each class's rows against that class's statistics, weighted by rows.
+                class_mean, class_var = self._class_targets[name]
+                total = sum(count for _, count, _, _ in groups)
+                losses.append(sum(
+                    (count / total) * self._gap(module, mean, var, class_mean[label], class_var[label])
+                    for label, count, mean, var in groups
+                ))
+                continue
             mean, var = self._statistics[name]
             if name in self._targets:
                 target_mean, target_var = self._targets[name]
-            else:
+            elif module.running_mean is not None:
                 target_mean, target_var = module.running_mean, module.running_var
-            target_mean = target_mean.to(device=mean.device, dtype=mean.dtype)
-            target_var = target_var.to(device=var.device, dtype=var.dtype)
-            mean_gap, var_gap = mean - target_mean, var - target_var
-            if self.scale == "standardized":
-                spread = target_var.clamp(min=0) + float(getattr(module, "eps", 1e-5))
-                mean_gap, var_gap = mean_gap / spread.sqrt(), var_gap / spread
-            losses.append(torch.linalg.vector_norm(mean_gap) + torch.linalg.vector_norm(var_gap))
+            else:
+                raise RuntimeError(f"layer {name!r}: no class of the batch has a per-class target "
+                                   "and the layer has no running statistics")
+            losses.append(self._gap(module, mean, var, target_mean, target_var))
         return losses
 
     def loss(self) -> Tensor:

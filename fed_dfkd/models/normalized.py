@@ -38,20 +38,32 @@ class NormalizedClassifier(Classifier):
         self.normalize = Normalize(mean, std)
         self.net = net
         self.feature_targets: FeatureTargets = {}
+        # Per-class (mean [K, C], var [K, C]) of named layers' inputs on the owner's own data
+        # (``method.bn_statistics_per_class``); empty unless its teacher file holds them.
+        self.class_feature_targets: FeatureTargets = {}
+
+    def set_class_feature_targets(self, targets: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Replace :attr:`class_feature_targets`; each name must be a module of this model and
+        each target two ``[classes, channels]`` tensors of one shape."""
+        self.class_feature_targets = self._checked_targets(targets, dims=2, what="class feature target")
 
     def set_feature_targets(self, targets: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """Replace :attr:`feature_targets`; each name must be a module of this model and each
         target two 1-D tensors of one length (the layer's channels, checked by the prior)."""
+        self.feature_targets = self._checked_targets(targets, dims=1, what="feature target")
+
+    def _checked_targets(self, targets: Mapping[str, tuple[Tensor, Tensor]], *, dims: int,
+                         what: str) -> FeatureTargets:
         modules = dict(self.named_modules())
         checked: FeatureTargets = {}
         for name, (mean, var) in targets.items():
             if name not in modules:
-                raise ValueError(f"feature target {name!r} is not a module of this model")
-            if mean.dim() != 1 or mean.shape != var.shape:
-                raise ValueError(f"feature target {name!r}: mean and var must be 1-D tensors of one "
+                raise ValueError(f"{what} {name!r} is not a module of this model")
+            if mean.dim() != dims or mean.shape != var.shape:
+                raise ValueError(f"{what} {name!r}: mean and var must be {dims}-D tensors of one "
                                  f"shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
             checked[name] = (mean.detach(), var.detach())
-        self.feature_targets = checked
+        return checked
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.forward_features(self.normalize(x))

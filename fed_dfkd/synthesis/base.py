@@ -154,13 +154,26 @@ class Synthesizer(abc.ABC):
         class-balance term is KL(p̄ ‖ prior) instead of −H(p̄). With
         ``method.one_hot_prior_adjustment`` τ > 0 the one-hot term judges the teacher's logits
         less τ·log ``class_counts`` (the per-class counts of its training data), over the classes
-        it saw (:func:`fed_dfkd.losses.prior_adjusted_cross_entropy`).
+        it saw (:func:`fed_dfkd.losses.prior_adjusted_cross_entropy`). With
+        ``method.bn_statistics_per_class`` the BN prior matches each class's rows (the argmax of
+        soft ``labels``) to the teacher's ``class_feature_targets``.
         """
         # The BN hooks cost a mean and a variance per layer: only register them when used. A DP
         # teacher has no BatchNorm; its owner's private feature statistics are the targets.
+        class_targets = row_classes = None
+        if weights["bn_statistics"] and self.method.bn_statistics_per_class:
+            class_targets = getattr(teacher, "class_feature_targets", None)
+            if not class_targets:
+                raise ValueError("method.bn_statistics_per_class needs a teacher with per-class "
+                                 "feature statistics (a teacher file from `fed-dfkd pretrain`)")
+            if labels is None:
+                raise ValueError("method.bn_statistics_per_class needs each row's class "
+                                 "(method.generator_latents: round)")
+            row_classes = labels.argmax(dim=1) if labels.dim() == 2 else labels
         recorder = (
             BatchNormStatistics(teacher, targets=getattr(teacher, "feature_targets", None),
-                                scale=self.method.bn_statistics_scale)
+                                scale=self.method.bn_statistics_scale,
+                                class_targets=class_targets, row_classes=row_classes)
             if weights["bn_statistics"] else contextlib.nullcontext()
         )
         with recorder as bn:

@@ -238,7 +238,7 @@ def test_given_sigma_gives_the_accountants_epsilon(config_file: Path, splits, tm
     cfg = load_config(config_file, ["privacy.target_epsilon=null", "privacy.noise_multiplier=1.3",
                                     "privacy.accountant=prv", "models.pretrain.epochs=1"])
     index = _client_data(cfg, splits, 0)
-    model, manifest, _ = _train_one_teacher(cfg, splits, index.numpy(), partition_id=0,
+    model, manifest, _, _ = _train_one_teacher(cfg, splits, index.numpy(), partition_id=0,
                                             expected_hash="x", device=torch.device("cpu"))
     p = manifest.privacy
     q, steps = 1 / math.ceil(len(index) / 32), math.ceil(len(index) / 32)
@@ -251,7 +251,7 @@ def test_dp_teacher_has_no_batch_norm_and_loads_back_identically(config_file: Pa
                                                                   tmp_path: Path) -> None:
     cfg = load_config(config_file, ["models.pretrain.epochs=1"])
     index = _client_data(cfg, splits, 1)
-    model, manifest, statistics = _train_one_teacher(cfg, splits, index.numpy(), partition_id=1,
+    model, manifest, statistics, _ = _train_one_teacher(cfg, splits, index.numpy(), partition_id=1,
                                                      expected_hash="h", device=torch.device("cpu"))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert is_dp_compatible(model)
@@ -273,7 +273,7 @@ def test_dp_teacher_has_no_batch_norm_and_loads_back_identically(config_file: Pa
 def test_without_summary_nothing_is_released(config_file: Path, splits) -> None:
     cfg = load_config(config_file, ["privacy.summary=false", "models.pretrain.epochs=1"])
     index = _client_data(cfg, splits, 0)
-    _, manifest, statistics = _train_one_teacher(cfg, splits, index.numpy(), partition_id=0,
+    _, manifest, statistics, _ = _train_one_teacher(cfg, splits, index.numpy(), partition_id=0,
                                                  expected_hash="h", device=torch.device("cpu"))
     assert statistics is None
     assert (manifest.train_size, manifest.class_histogram) == (0, [])
