@@ -26,12 +26,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fed_dfkd.errors import UserError
-
 from fed_dfkd.aggregation import aggregate_logits
 from fed_dfkd.config import ExperimentConfig
 from fed_dfkd.coordinator import Coordinator, round_metrics, synthesis_metrics
 from fed_dfkd.data import DatasetInfo
+from fed_dfkd.errors import UserError
 from fed_dfkd.models import Classifier, to_memory_format
 from fed_dfkd.models.normalized import TeacherEnsemble, freeze
 from fed_dfkd.samples import as_float_images
@@ -86,9 +85,10 @@ class CentralDistillation:
                     [[float(c) for c in row] for row in histograms], device=self.device  # type: ignore[union-attr]
                 ).sum(dim=0)
         if m.bn_statistics_per_class and not getattr(self.teacher, "class_feature_targets", None):
-            raise UserError("method.bn_statistics_per_class needs one teacher whose file holds "
-                            "per-class feature statistics (`fed-dfkd pretrain` writes them; an "
-                            "ensemble of client teachers has none: use distill.teacher_source: central)")
+            raise UserError("method.bn_statistics_per_class needs one teacher with BatchNorm whose file "
+                            "holds per-class feature statistics (`fed-dfkd pretrain` with this config "
+                            "writes them; an ensemble of client teachers has none: use "
+                            "distill.teacher_source: central)")
         self.last_samples: torch.Tensor | None = None
 
     @property

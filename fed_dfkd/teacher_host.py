@@ -78,9 +78,9 @@ class TeacherHost:
             seed=cfg.runtime.seed,
         )
         if cfg.method.bn_statistics_per_class and not getattr(self.teacher, "class_feature_targets", None):
-            raise UserError(f"teacher {manifest.name}: method.bn_statistics_per_class needs per-class "
-                            "feature statistics in its teacher file; run `fed-dfkd pretrain` with this "
-                            "config, which adds them")
+            raise UserError(f"teacher {manifest.name}: method.bn_statistics_per_class needs a teacher "
+                            "with BatchNorm whose file holds per-class feature statistics; run `fed-dfkd "
+                            "pretrain` with this config, which adds them")
         # The owner's own class mix, used here only (it never leaves in this form).
         self.class_prior = teacher_class_prior([manifest.class_histogram], cfg.method,
                                                device=self.device)

@@ -46,6 +46,7 @@ from fed_dfkd.adversarial import pgd_l2, recalibrate_batchnorm
 from fed_dfkd.augment import random_shift
 from fed_dfkd.config import ExperimentConfig, PretrainConfig, config_hash, config_to_dict
 from fed_dfkd.errors import UserError
+from fed_dfkd.losses.bn_statistics import num_channels
 from fed_dfkd.metrics import accuracy
 from fed_dfkd.models import build_classifier, to_memory_format
 from fed_dfkd.models.normalized import NormalizedClassifier, freeze
@@ -701,8 +702,6 @@ def class_feature_statistics(
         means[counts == 0] = float("nan")
         offset = 0
         modules = dict(model.named_modules())
-        from fed_dfkd.losses.bn_statistics import num_channels
-
         for name in names:
             channels = num_channels(modules[name])
             mean = means[:, offset : offset + channels]
@@ -839,18 +838,16 @@ def pretrain_teachers(
 def _add_class_statistics(path: Path, splits: Any, indices: np.ndarray | None, *, num_classes: int,
                           batch_size: int, device: torch.device) -> None:
     """Give a cached teacher file made before they existed its per-class statistics."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get(CLASS_STATISTICS_KEY) is not None:
+    model, manifest = load_teacher(path, device=device)
+    if model.class_feature_targets:
         return
-    model, _ = load_teacher(path, device=device)
     if indices is None:
         images, labels = splits.train_images, splits.train_labels
     else:
         index = torch.as_tensor(indices, dtype=torch.int64)
         images, labels = splits.train_images[index], splits.train_labels[index]
-    saved[CLASS_STATISTICS_KEY] = class_feature_statistics(model, images, labels, num_classes=num_classes,
-                                                           batch_size=batch_size)
-    atomic_torch_save(saved, path)
+    statistics = class_feature_statistics(model, images, labels, num_classes=num_classes, batch_size=batch_size)
+    _save_teacher(model, manifest, path, class_statistics=statistics)
     logger.info("teacher %s: per-class feature statistics added", path)
 
 

@@ -142,15 +142,16 @@ class BatchNormStatistics:
                         f"got {tuple(mean.shape)} and {tuple(var.shape)}"
                     )
                 self._targets[name] = (mean.detach(), var.detach())
-            elif class_targets is not None and name in class_targets:
-                pass  # a BN layer with per-class targets (checked below)
+            per_class = class_targets is not None and name in class_targets
+            if name in targets or per_class:
+                pass
             elif not isinstance(module, _BATCH_NORM_TYPES):
                 continue  # no target and no running statistics to compare with
             elif module.running_mean is None or module.running_var is None:
                 logger.debug("BatchNorm layer %r has no running statistics; skipped", name)
                 continue
-            if class_targets is not None and name in class_targets:
-                mean, var = class_targets[name]
+            if per_class:
+                mean, var = class_targets[name]  # type: ignore[index]
                 channels = num_channels(module)
                 if mean.dim() != 2 or mean.shape[1] != channels or mean.shape != var.shape:
                     raise ValueError(f"class_targets[{name!r}] must be two tensors of shape "
